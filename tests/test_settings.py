@@ -1,0 +1,132 @@
+"""Settings: every bad value stops the run before any data is loaded, naming the setting."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import gma, TINY_FLAGS
+
+SCRIPT = gma.__file__
+
+
+def with_setting(name, value):
+    settings = gma.default_settings()
+    settings[name] = value
+    return settings
+
+
+def test_the_defaults_are_valid():
+    assert gma.check_settings(gma.default_settings()) is None
+
+
+BAD_SETTINGS = [
+    ("DATA_PATH", "/no/such/mnist.npz", "DATA_PATH = '/no/such/mnist.npz': no such file"),
+    ("DATA_PATH", 3, "DATA_PATH = 3 is not valid: expected None or the path"),
+    ("NORMAL_DIGITS", (), "NORMAL_DIGITS = \\(\\) is not valid: expected a non-empty tuple"),
+    ("NORMAL_DIGITS", (10,), "NORMAL_DIGITS = \\(10,\\) is not valid: expected .* digits 0-9"),
+    ("NORMAL_DIGITS", (1, 1), "NORMAL_DIGITS = \\(1, 1\\) is not valid: expected .*distinct"),
+    ("NORMAL_DIGITS", 3, "NORMAL_DIGITS = 3 is not valid"),
+    ("LATENT_DIM", 0, "LATENT_DIM = 0 is not valid: expected an integer >= 1"),
+    ("LATENT_DIM", 2.5, "LATENT_DIM = 2.5 is not valid: expected an integer >= 1"),
+    ("GENERATOR_WIDTHS", (), "GENERATOR_WIDTHS = \\(\\) is not valid: expected a non-empty"),
+    ("GENERATOR_WIDTHS", (64, 0), "GENERATOR_WIDTHS = \\(64, 0\\) is not valid"),
+    ("DISCRIMINATOR_WIDTHS", (-1,), "DISCRIMINATOR_WIDTHS = \\(-1,\\) is not valid"),
+    ("EPOCHS", 0, "EPOCHS = 0 is not valid: expected an integer >= 1"),
+    ("EPOCHS", True, "EPOCHS = True is not valid: expected an integer >= 1"),
+    ("BATCH_SIZE", -5, "BATCH_SIZE = -5 is not valid: expected an integer >= 1"),
+    ("LEARNING_RATE", 0.0, "LEARNING_RATE = 0.0 is not valid: expected a number in \\(0, 1\\)"),
+    ("LEARNING_RATE", 1.5, "LEARNING_RATE = 1.5 is not valid"),
+    ("LEARNING_RATE", float("nan"), "LEARNING_RATE = nan is not valid"),
+    ("ADAM_BETA_1", 1.0, "ADAM_BETA_1 = 1.0 is not valid: expected a number in \\[0, 1\\)"),
+    ("ADAM_BETA_1", -0.1, "ADAM_BETA_1 = -0.1 is not valid"),
+    ("SEED", -1, "SEED = -1 is not valid: expected an integer >= 0"),
+    ("DEVICE", "gpu0", "DEVICE = 'gpu0' is not valid: expected a TensorFlow device name"),
+    ("DEVICE", "/tpu:0", "DEVICE = '/tpu:0' is not valid"),
+    ("MC_SAMPLES", 999, "MC_SAMPLES = 999 is not valid: expected an integer >= 1000"),
+    ("MC_BATCH_SIZE", 0, "MC_BATCH_SIZE = 0 is not valid: expected an integer >= 1"),
+    ("PERCENTILE", 100.0, "PERCENTILE = 100.0 is not valid: expected a number in \\(0, 100\\)"),
+    ("PERCENTILE", 0, "PERCENTILE = 0 is not valid"),
+    ("CONFIDENCE", 1.0, "CONFIDENCE = 1.0 is not valid: expected a number in \\(0, 1\\)"),
+    ("OUTPUT_DIR", "", "OUTPUT_DIR = '' is not valid: expected a folder path"),
+    ("SHOW_PLOTS", "yes", "SHOW_PLOTS = 'yes' is not valid: expected True or False"),
+]
+
+
+@pytest.mark.parametrize("name, value, message", BAD_SETTINGS,
+                         ids=[f"{n}={v!r}" for n, v, _ in BAD_SETTINGS])
+def test_each_bad_setting_is_named_with_its_value_and_accepted_values(name, value, message):
+    with pytest.raises(gma.SettingsError, match=message):
+        gma.check_settings(with_setting(name, value))
+
+
+def test_every_setting_has_a_bad_value_test():
+    assert set(gma.SETTING_NAMES) <= {name for name, _, _ in BAD_SETTINGS}
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "runs"
+    path.write_text("")
+    with pytest.raises(gma.SettingsError, match="OUTPUT_DIR = .* is a file: expected a folder"):
+        gma.check_settings(with_setting("OUTPUT_DIR", str(path)))
+
+
+def test_unwritable_output_dir_fails_before_any_data_is_loaded(tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    settings = with_setting("OUTPUT_DIR", str(blocker / "runs"))  # a folder inside a file
+    monkeypatch.setattr(gma, "load_data", lambda path: pytest.fail("data was loaded"))
+    with pytest.raises(gma.SettingsError, match="OUTPUT_DIR = .* cannot be written"):
+        gma.run(settings)
+
+
+def test_batch_larger_than_the_normal_training_images(tmp_path, mnist_npz, monkeypatch):
+    settings = gma.parse_args(TINY_FLAGS + ["--data-path", mnist_npz, "--output-dir",
+                                            str(tmp_path), "--normal-digits", "3",
+                                            "--batch-size", "5000"])
+    monkeypatch.setattr(gma, "train_gan", lambda *a: pytest.fail("training started"))
+    with pytest.raises(gma.SettingsError, match="BATCH_SIZE = 5000 is larger than the 400 "
+                                                "training images of NORMAL_DIGITS = \\(3,\\)"):
+        gma.run(settings)
+
+
+def test_flags_override_the_constants():
+    settings = gma.parse_args(["--epochs", "3", "--normal-digits", "4", "7", "--show-plots",
+                               "--data-path", "x.npz", "--learning-rate", "0.001"])
+    assert settings["EPOCHS"] == 3
+    assert settings["NORMAL_DIGITS"] == (4, 7)
+    assert settings["SHOW_PLOTS"] is True
+    assert settings["DATA_PATH"] == "x.npz"
+    assert settings["LEARNING_RATE"] == 0.001
+    untouched = {k: v for k, v in settings.items()
+                 if k not in ("EPOCHS", "NORMAL_DIGITS", "SHOW_PLOTS", "DATA_PATH",
+                              "LEARNING_RATE")}
+    assert untouched == {k: v for k, v in gma.default_settings().items() if k in untouched}
+
+
+def test_help_lists_every_setting_with_its_comment():
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    comments = gma.setting_comments()
+    assert set(comments) == set(gma.SETTING_NAMES)
+    help_text = " ".join(result.stdout.split())
+    for name in gma.SETTING_NAMES:
+        assert gma.flag_name(name) in help_text
+        assert " ".join(comments[name].split())[:30] in help_text
+
+
+def test_bad_setting_on_the_command_line_exits_with_its_message(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--percentile", "120", "--output-dir",
+                             str(tmp_path / "runs")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "PERCENTILE = 120.0 is not valid: expected a number in (0, 100)" in result.stderr
+    assert not (tmp_path / "runs").exists()  # it stopped before making any run folder
+
+
+def test_bad_flag_type_is_named_by_the_parser():
+    result = subprocess.run([sys.executable, SCRIPT, "--epochs", "ten"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "argument --epochs: invalid int value: 'ten'" in result.stderr
