@@ -54,6 +54,13 @@ MC_BATCH_SIZE = 10_000  # generated images per scoring batch (bounds memory), in
 PERCENTILE = 95.0  # threshold = this percentile of the generated scores, float in (0, 100)
 CONFIDENCE = 0.95  # confidence level of the threshold's interval, float in (0, 1)
 
+# Anomaly scores
+SCORES = ("nearest_generated", "discriminator")  # scores to compute; the first is the headline
+NEIGHBOURS = 5  # generated neighbours averaged by the nearest_generated score, integer >= 1
+NEIGHBOUR_SAMPLES = 20_000  # generated images kept as neighbours, integer > NEIGHBOURS
+VALIDATION_FRACTION = 0.1  # normal training images held out for a real-data threshold, [0, 0.5)
+CLASSIFY_WITH = "validation"  # threshold that flags test images: "validation" or "monte_carlo"
+
 # Output
 OUTPUT_DIR = "runs"  # each run writes a new folder inside this one
 SHOW_PLOTS = False  # also show the plots on screen (only when a display exists), True/False
@@ -68,8 +75,11 @@ FALLBACK_SPLIT_SEED = 0  # fixed, so the offline split is the same in every run
 SETTING_NAMES = (
     "DATA_PATH", "NORMAL_DIGITS", "LATENT_DIM", "GENERATOR_WIDTHS", "DISCRIMINATOR_WIDTHS",
     "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "ADAM_BETA_1", "SEED", "DEVICE", "MC_SAMPLES",
-    "MC_BATCH_SIZE", "PERCENTILE", "CONFIDENCE", "OUTPUT_DIR", "SHOW_PLOTS",
+    "MC_BATCH_SIZE", "PERCENTILE", "CONFIDENCE", "SCORES", "NEIGHBOURS", "NEIGHBOUR_SAMPLES",
+    "VALIDATION_FRACTION", "CLASSIFY_WITH", "OUTPUT_DIR", "SHOW_PLOTS",
 )
+KNOWN_SCORES = ("nearest_generated", "discriminator")
+THRESHOLD_SOURCES = ("validation", "monte_carlo")
 
 log = logging.getLogger("gan_mc_anomaly")
 
@@ -127,7 +137,8 @@ def parse_args(argv):
                                 action=argparse.BooleanOptionalAction)
         elif isinstance(default, tuple):
             parser.add_argument(flag_name(name), dest=name, default=default, help=help_text,
-                                type=int, nargs="+", metavar="N")
+                                type=type(default[0]), nargs="+",
+                                metavar="NAME" if isinstance(default[0], str) else "N")
         elif default is None or isinstance(default, str):
             parser.add_argument(flag_name(name), dest=name, default=default, help=help_text)
         else:
@@ -210,6 +221,26 @@ def check_settings(settings):
     _check_int(settings, "MC_BATCH_SIZE", 1)
     _check_open_interval(settings, "PERCENTILE", 0, 100)
     _check_open_interval(settings, "CONFIDENCE", 0, 1)
+
+    scores = settings["SCORES"]
+    if (not isinstance(scores, (tuple, list)) or not scores
+            or not all(name in KNOWN_SCORES for name in scores)
+            or len(set(scores)) != len(scores)):
+        raise _bad("SCORES", scores, f"a non-empty tuple of distinct names from {KNOWN_SCORES}")
+    _check_int(settings, "NEIGHBOURS", 1)
+    _check_int(settings, "NEIGHBOUR_SAMPLES", settings["NEIGHBOURS"] + 1)
+    if settings["NEIGHBOUR_SAMPLES"] > settings["MC_SAMPLES"]:
+        raise SettingsError(f"NEIGHBOUR_SAMPLES = {settings['NEIGHBOUR_SAMPLES']} is larger "
+                            f"than MC_SAMPLES = {settings['MC_SAMPLES']}: the neighbours are "
+                            "taken from the Monte Carlo sample, so expected at most "
+                            "MC_SAMPLES.")
+    _check_open_interval(settings, "VALIDATION_FRACTION", 0, 0.5, closed_low=True)
+    if settings["CLASSIFY_WITH"] not in THRESHOLD_SOURCES:
+        raise _bad("CLASSIFY_WITH", settings["CLASSIFY_WITH"], f"one of {THRESHOLD_SOURCES}")
+    if settings["CLASSIFY_WITH"] == "validation" and settings["VALIDATION_FRACTION"] == 0:
+        raise SettingsError("CLASSIFY_WITH = 'validation' needs held-out images, but "
+                            "VALIDATION_FRACTION = 0: expected VALIDATION_FRACTION in (0, 0.5) "
+                            "or CLASSIFY_WITH = 'monte_carlo'.")
 
     output_dir = settings["OUTPUT_DIR"]
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -605,26 +636,113 @@ def discriminator_logits(discriminator, images, batch_size):
     return logits[:, 0].astype(np.float64)
 
 
-def monte_carlo_logits(generator, discriminator, count, batch_size, latent_dim, seed):
-    """Return discriminator logits for `count` freshly generated images.
+def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, seed,
+                       keep_images=0):
+    """Return (logits, images): D's logits for `count` generated images, and the first
+    `keep_images` of those images as 784 pixels in [0, 1].
 
-    Each batch draws its latent vectors from a seed made of (seed, batch number), generates
-    and scores them in one compiled function, and keeps only the logits: memory holds one
-    batch of images at a time, however large `count` is.
+    Batch b draws its latent vectors from the seed (seed, b), then generates and scores them
+    in one compiled function. Only the logits and the images asked for are kept, so memory
+    does not grow with `count` beyond 8 bytes a sample.
     """
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
-    def generate_and_score(batch_seed, n):
-        noise = tf.random.stateless_normal((n, latent_dim), seed=batch_seed)
-        return discriminator(generator(noise, training=False), training=False)[:, 0]
+    @tf.function
+    def generate_and_score(batch_seed):
+        noise = tf.random.stateless_normal((batch_size, latent_dim), seed=batch_seed)
+        pixels = generator(noise, training=False)
+        return (pixels + 1.0) / 2.0, discriminator(pixels, training=False)[:, 0]
 
     logits = np.empty(count, dtype=np.float64)
+    images = np.empty((keep_images, IMAGE_PIXELS), dtype=np.float32)
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         batch_seed = tf.constant([seed, start // batch_size], dtype=tf.int64)
-        logits[start:start + n] = generate_and_score(batch_seed, tf.constant(n)).numpy()
-    return logits
+        batch_images, batch_logits = generate_and_score(batch_seed)
+        logits[start:start + n] = batch_logits.numpy()[:n]
+        if start < keep_images:
+            kept = min(n, keep_images - start)
+            images[start:start + kept] = batch_images.numpy()[:kept]
+    return logits, images
+
+
+def _make_block_scorer():
+    """Return the compiled function that scores one block of queries against references."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def block_scores(query_block, block_self_indices, reference, reference_sq, neighbours):
+        squared = (tf.reduce_sum(query_block * query_block, axis=1, keepdims=True)
+                   + reference_sq[None, :]
+                   - 2.0 * tf.matmul(query_block, reference, transpose_b=True))
+        is_self = tf.equal(block_self_indices[:, None], tf.range(tf.shape(reference)[0]))
+        squared = tf.where(is_self, tf.constant(np.inf, tf.float32), squared)
+        nearest_sq = -tf.math.top_k(-squared, k=neighbours, sorted=False).values
+        return tf.reduce_mean(tf.sqrt(tf.maximum(nearest_sq, 0.0)), axis=1)
+
+    return block_scores
+
+
+_block_scorer = None  # compiled on first use and reused, so TensorFlow traces it only once
+
+
+def nearest_generated_distances(queries, reference, neighbours, self_indices=None,
+                                block_rows=None):
+    """Return each query's mean Euclidean distance to its `neighbours` nearest references.
+
+    queries: (n, 784) and reference: (r, 784) pixels in [0, 1]. self_indices, when given,
+    holds for each query the reference row that is the query itself, which is skipped, so
+    that a generated image is scored against the rest of the sample and never against
+    itself. The distances come from blocked matrix products, |q|^2 + |g|^2 - 2 q.g, with a
+    block of queries (block_rows) small enough by default that its distance matrix stays
+    near 64 MiB.
+    """
+    import tensorflow as tf
+
+    global _block_scorer
+    if _block_scorer is None:
+        _block_scorer = _make_block_scorer()
+    reference = tf.constant(reference, dtype=tf.float32)
+    reference_sq = tf.reduce_sum(reference * reference, axis=1)
+    block_rows = block_rows or max(1, 2 ** 24 // int(reference.shape[0]))
+    queries = np.asarray(queries, dtype=np.float32)
+    if self_indices is None:
+        self_indices = np.full(len(queries), -1)  # -1 matches no reference row
+    scores = np.empty(len(queries), dtype=np.float64)
+    for start in range(0, len(queries), block_rows):
+        stop = start + block_rows
+        scores[start:stop] = _block_scorer(
+            queries[start:stop], np.asarray(self_indices[start:stop], np.int32), reference,
+            reference_sq, tf.constant(neighbours))
+    return scores
+
+
+def compute_scores(name, discriminator, mc_logits, reference, images, settings):
+    """Return {"generated", "validation", "test"} score arrays of one anomaly score.
+
+    mc_logits are D's logits for the Monte Carlo sample and reference its first
+    NEIGHBOUR_SAMPLES images; images holds "validation" and "test" images in [0, 1]
+    (validation may be empty). Both scores rise as an image looks less like the normal
+    digits:
+    - "discriminator": 1 - D(x); its generated scores are the whole Monte Carlo sample.
+    - "nearest_generated": mean distance to the NEIGHBOURS nearest images of reference; its
+      generated scores are those of reference, each scored against the others.
+    """
+    if name == "discriminator":
+        scores = {"generated": anomaly_scores_from_logits(mc_logits)}
+    else:
+        scores = {"generated": nearest_generated_distances(
+            reference, reference, settings["NEIGHBOURS"], self_indices=np.arange(len(reference)))}
+    for split, x in images.items():
+        if len(x) == 0:  # no held-out images: nothing to score
+            scores[split] = np.empty(0)
+        elif name == "discriminator":
+            logits = discriminator_logits(discriminator, x, settings["MC_BATCH_SIZE"])
+            scores[split] = anomaly_scores_from_logits(logits)
+        else:
+            scores[split] = nearest_generated_distances(x.reshape(len(x), IMAGE_PIXELS),
+                                                        reference, settings["NEIGHBOURS"])
+    return scores
 
 
 def generate_images(generator, count, latent_dim, seed):
@@ -672,17 +790,43 @@ def threshold_convergence(scores, percentile, confidence, points=12):
     return [(int(n), *percentile_interval(scores[:n], percentile, confidence)) for n in sizes]
 
 
+def thresholds(score_sets, percentile, confidence):
+    """Return {source: {"value", "low", "high", "images"}} for each threshold source.
+
+    "monte_carlo" is the method's threshold: the percentile of the generated images' scores.
+    "validation" is the same percentile of held-out real images of the normal digits, which
+    training never saw; it is missing when no images were held out.
+    """
+    sources = {"monte_carlo": score_sets["generated"], "validation": score_sets["validation"]}
+    return {source: dict(zip(("value", "low", "high"),
+                             percentile_interval(values, percentile, confidence)),
+                         images=len(values))
+            for source, values in sources.items() if len(values)}
+
+
 # ---------------------------------------------------------------------------------------
 # Evaluation against the test labels
 # ---------------------------------------------------------------------------------------
 
 
+def ranking_quality(test_scores, is_anomaly):
+    """Return AUROC and the ROC curve, or {} when the test set lacks one of the classes."""
+    from sklearn import metrics
+
+    if not is_anomaly.any() or is_anomaly.all():
+        return {}
+    false_positive_rates, true_positive_rates, _ = metrics.roc_curve(is_anomaly, test_scores)
+    return {"auroc": float(metrics.roc_auc_score(is_anomaly, test_scores)),
+            "roc_curve": {"false_positive_rate": false_positive_rates.tolist(),
+                          "true_positive_rate": true_positive_rates.tolist()}}
+
+
 def evaluate(test_scores, test_labels, normal_digits, threshold):
     """Return the test results at the threshold as a dict of plain numbers.
 
-    With both normal and anomalous digits in the test set: AUROC, detection and false alarm
-    rates, precision, F1 and the confusion counts. Always: the flag rate, overall and for
-    each digit.
+    Always: the flag rate, overall and for each digit. With both normal and anomalous digits
+    in the test set also: detection and false alarm rates, precision, F1 and the confusion
+    counts.
     """
     from sklearn import metrics
 
@@ -700,24 +844,45 @@ def evaluate(test_scores, test_labels, normal_digits, threshold):
         return results
 
     tn, fp, fn, tp = metrics.confusion_matrix(is_anomaly, flagged, labels=[False, True]).ravel()
-    false_positive_rates, true_positive_rates, _ = metrics.roc_curve(is_anomaly, test_scores)
     results.update({
-        "auroc": float(metrics.roc_auc_score(is_anomaly, test_scores)),
         "detection_rate": float(metrics.recall_score(is_anomaly, flagged, zero_division=0)),
         "false_alarm_rate": float(fp / (fp + tn)),
         "precision": float(metrics.precision_score(is_anomaly, flagged, zero_division=0)),
         "f1": float(metrics.f1_score(is_anomaly, flagged, zero_division=0)),
         "confusion": {"true_positives": int(tp), "false_positives": int(fp),
                       "true_negatives": int(tn), "false_negatives": int(fn)},
-        "roc_curve": {"false_positive_rate": false_positive_rates.tolist(),
-                      "true_positive_rate": true_positive_rates.tolist()},
     })
     return results
+
+
+def score_results(score_sets, test_labels, normal_digits, settings):
+    """Return one score's results: its Monte Carlo sample summary, both thresholds, its
+    ranking quality and its test results at each threshold."""
+    generated = score_sets["generated"]
+    percentile, confidence = settings["PERCENTILE"], settings["CONFIDENCE"]
+    found = thresholds(score_sets, percentile, confidence)
+    return {
+        "generated": {
+            "samples": len(generated), "mean": float(generated.mean()),
+            "min": float(generated.min()), "max": float(generated.max()),
+            "convergence": [dict(zip(("samples", "threshold", "low", "high"), row))
+                            for row in threshold_convergence(generated, percentile,
+                                                             confidence)],
+        },
+        "thresholds": found,
+        **ranking_quality(score_sets["test"], ~np.isin(test_labels, normal_digits)),
+        "test": {source: evaluate(score_sets["test"], test_labels, normal_digits,
+                                  threshold["value"])
+                 for source, threshold in found.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # Report: summary text, plots and results.json
 # ---------------------------------------------------------------------------------------
+
+
+SOURCE_LABELS = {"monte_carlo": "Monte Carlo", "validation": "validation"}
 
 
 def describe_image(index, test_scores, test_labels, normal_digits, threshold):
@@ -728,60 +893,83 @@ def describe_image(index, test_scores, test_labels, normal_digits, threshold):
             f"{verdict}")
 
 
+def score_table(results):
+    """Return the summary's table: one row per score and threshold source."""
+    header = (f"  {'score':<18} {'threshold from':<25} {'threshold [interval]':<28} "
+              f"{'flagged':>7} {'detect':>7} {'f.alarm':>7} {'AUROC':>6}")
+    lines = [header]
+    for name, score in results["scores"].items():
+        for source, threshold in score["thresholds"].items():
+            test = score["test"][source]
+            cells = [f"{test[key]:.1%}" if key in test else "-"
+                     for key in ("flag_rate", "detection_rate", "false_alarm_rate")]
+            auroc = f"{score['auroc']:.3f}" if "auroc" in score else "-"
+            origin = f"{SOURCE_LABELS[source]} ({threshold['images']:,})"
+            interval = (f"{threshold['value']:.4g} [{threshold['low']:.4g}, "
+                        f"{threshold['high']:.4g}]")
+            lines.append(f"  {name:<18} {origin:<25} {interval:<28} {cells[0]:>7} "
+                         f"{cells[1]:>7} {cells[2]:>7} {auroc:>6}")
+    return lines
+
+
 def summary_text(results):
     """Return the printed summary of a run, built from its results dict."""
-    s, mc, test = results["settings"], results["monte_carlo"], results["test"]
+    s, head = results["settings"], results["headline"]
+    test = head["test"]
+    expected_rate = 1.0 - s["PERCENTILE"] / 100.0
     lines = [
         "",
-        "=" * 78,
-        f"GAN + Monte Carlo anomaly detection: normal digits {list(s['NORMAL_DIGITS'])}, "
+        "=" * 100,
+        f"GAN + Monte Carlo anomaly detection: normal digits {list(s['NORMAL_DIGITS'])}; "
         f"data: {results['data']['source']}",
         f"Run folder: {results['run_dir']}",
         "",
-        f"Monte Carlo sample: {mc['samples']:,} generated images, score = 1 - D(x)",
-        f"  score mean {mc['score_mean']:.4g}, min {mc['score_min']:.4g}, "
-        f"max {mc['score_max']:.4g}",
-        f"  threshold ({s['PERCENTILE']:g}th percentile): {mc['threshold']:.4g}, "
-        f"{s['CONFIDENCE']:.0%} interval [{mc['threshold_low']:.4g}, "
-        f"{mc['threshold_high']:.4g}]",
+        "Monte Carlo samples (generated images, each score's sample):",
+    ]
+    for name, score in results["scores"].items():
+        generated = score["generated"]
+        lines.append(f"  {name:<18} {generated['samples']:>9,} images: score mean "
+                     f"{generated['mean']:.4g}, min {generated['min']:.4g}, "
+                     f"max {generated['max']:.4g}")
+    lines += [
         "",
-        f"Test set: {test['test_images']:,} images, {test['labelled_anomalies']:,} of them "
-        "anomalous digits",
-        f"  flagged {test['flagged']:,} ({test['flag_rate']:.1%})",
+        f"Thresholds at the {s['PERCENTILE']:g}th percentile ({s['CONFIDENCE']:.0%} "
+        f"intervals) and the {test['test_images']:,} test images, "
+        f"{test['labelled_anomalies']:,} of them anomalous digits:",
+        *score_table(results),
+        "",
+        f"Headline: the {head['score']} score with the {SOURCE_LABELS[head['threshold_from']]} "
+        f"threshold {head['threshold']:.4g} flags {test['flagged']:,} test images "
+        f"({test['flag_rate']:.1%}).",
         "  flag rate per digit: " + ", ".join(
             f"{d}: {r:.1%}" for d, r in test["flag_rate_per_digit"].items()),
     ]
-    expected_rate = 1.0 - s["PERCENTILE"] / 100.0
-    if "auroc" in test:
+    if "detection_rate" in test:
         c = test["confusion"]
-        lines += [
-            f"  AUROC {test['auroc']:.3f}  detection rate {test['detection_rate']:.1%}  "
-            f"false alarm rate {test['false_alarm_rate']:.1%}",
-            f"  precision {test['precision']:.3f}  F1 {test['f1']:.3f}  "
-            f"TP {c['true_positives']}  FP {c['false_positives']}  "
-            f"TN {c['true_negatives']}  FN {c['false_negatives']}",
-        ]
+        lines.append(f"  precision {test['precision']:.3f}  F1 {test['f1']:.3f}  "
+                     f"TP {c['true_positives']}  FP {c['false_positives']}  "
+                     f"TN {c['true_negatives']}  FN {c['false_negatives']}")
         observed, what = test["false_alarm_rate"], "false alarm rate on normal test images"
     else:
         observed, what = test["flag_rate"], "flag rate (all test digits are normal)"
+    reference = ("held-out real images of the normal digits"
+                 if head["threshold_from"] == "validation" else "the generator's own images")
     lines += [
         "",
         "What it means:",
-        f"  A score above {mc['threshold']:.4g} means the discriminator finds the image less "
-        f"like real data than {s['PERCENTILE']:g}% of the generator's own images.",
-        f"  If the generated images scored like real normal digits, about "
-        f"{expected_rate:.0%} of normal test images would be flagged; the {what} is "
-        f"{observed:.1%}, {100 * (observed - expected_rate):+.1f} points from that.",
+        f"  A {head['score']} score above {head['threshold']:.4g} puts an image past "
+        f"{s['PERCENTILE']:g}% of {reference}.",
+        f"  So about {expected_rate:.0%} of normal test images should be flagged; the {what} "
+        f"is {observed:.1%}, {100 * (observed - expected_rate):+.1f} points from that.",
     ]
-    if "auroc" in test:
-        lines.append(f"  An AUROC of {test['auroc']:.3f} means a random anomalous test image "
-                     f"outscores a random normal one {test['auroc']:.0%} of the time "
-                     "(0.5 is chance).")
+    if "auroc" in head:
+        lines.append(f"  AUROC {head['auroc']:.3f}: a random anomalous test image outscores a "
+                     f"random normal one {head['auroc']:.0%} of the time (0.5 is chance).")
     lines += [
         "  Examples:",
         "    anomaly: " + results["examples"]["anomaly"],
         "    normal:  " + results["examples"]["normal"],
-        "=" * 78,
+        "=" * 100,
     ]
     return "\n".join(lines)
 
@@ -814,58 +1002,76 @@ def plot_image_grid(images, titles, suptitle, path, columns=8):
     return figure
 
 
-def plot_score_histogram(mc_scores, test_scores, is_anomaly, threshold, path):
+def plot_score_histograms(all_scores, results, is_anomaly, path):
+    """One panel per score: generated, held-out and test scores, and both thresholds."""
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    everything = np.concatenate([mc_scores, test_scores])
-    bins = np.linspace(everything.min(), everything.max(), 80)
-    axis.hist(mc_scores, bins=bins, density=True, alpha=0.5, label="Monte Carlo (generated)")
-    axis.hist(test_scores[~is_anomaly], bins=bins, density=True, histtype="step", lw=1.8,
-              label="test: normal digits")
-    if is_anomaly.any():
-        axis.hist(test_scores[is_anomaly], bins=bins, density=True, histtype="step", lw=1.8,
-                  label="test: anomalous digits")
-    axis.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.4g}")
-    axis.set_xlabel("anomaly score 1 - D(x)")
-    axis.set_ylabel("density")
-    axis.set_yscale("log")
-    axis.legend()
+    names = list(all_scores)
+    figure, axes = plt.subplots(len(names), 1, figsize=(8, 3.8 * len(names)), squeeze=False)
+    for axis, name in zip(axes[:, 0], names):
+        sets = all_scores[name]
+        everything = np.concatenate([sets["generated"], sets["test"]])
+        bins = np.linspace(everything.min(), everything.max(), 80)
+        axis.hist(sets["generated"], bins=bins, density=True, alpha=0.45,
+                  label="Monte Carlo (generated)")
+        axis.hist(sets["test"][~is_anomaly], bins=bins, density=True, histtype="step",
+                  lw=1.8, label="test: normal digits")
+        if is_anomaly.any():
+            axis.hist(sets["test"][is_anomaly], bins=bins, density=True, histtype="step",
+                      lw=1.8, label="test: anomalous digits")
+        for (source, threshold), style in zip(results["scores"][name]["thresholds"].items(),
+                                              ("--", ":")):
+            axis.axvline(threshold["value"], color="black", ls=style,
+                         label=f"{SOURCE_LABELS[source]} threshold {threshold['value']:.4g}")
+        axis.set_title(f"{name} score (higher = more anomalous)")
+        axis.set_ylabel("density")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return figure
 
 
-def plot_convergence(rows, percentile, path):
+def plot_convergence(results, percentile, path):
+    """One panel per score: the Monte Carlo threshold and its interval against sample size."""
     import matplotlib.pyplot as plt
 
-    sizes, estimates, lows, highs = (np.array(column) for column in zip(*rows))
-    figure, axis = plt.subplots(figsize=(7, 4))
-    axis.fill_between(sizes, lows, highs, alpha=0.3, label="confidence interval")
-    axis.plot(sizes, estimates, marker="o", label=f"{percentile:g}th percentile")
-    axis.set_xscale("log")
-    axis.set_xlabel("Monte Carlo samples used")
-    axis.set_ylabel("threshold")
-    axis.set_title("How the threshold settles as generated images accumulate")
-    axis.legend()
+    names = list(results["scores"])
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        rows = results["scores"][name]["generated"]["convergence"]
+        sizes = [row["samples"] for row in rows]
+        axis.fill_between(sizes, [row["low"] for row in rows], [row["high"] for row in rows],
+                          alpha=0.3, label="confidence interval")
+        axis.plot(sizes, [row["threshold"] for row in rows], marker="o",
+                  label=f"{percentile:g}th percentile")
+        axis.set_xscale("log")
+        axis.set_xlabel("Monte Carlo samples used")
+        axis.set_ylabel("threshold")
+        axis.set_title(f"{name}: threshold as samples accumulate", fontsize=10)
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return figure
 
 
-def plot_roc(test_results, path):
+def plot_roc(results, path):
+    """ROC curves of every score, with the headline threshold's operating points."""
     import matplotlib.pyplot as plt
 
-    curve = test_results["roc_curve"]
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot(curve["false_positive_rate"], curve["true_positive_rate"],
-              label=f"AUROC {test_results['auroc']:.3f}")
+    source = results["headline"]["threshold_from"]
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for name, score in results["scores"].items():
+        curve = score["roc_curve"]
+        line, = axis.plot(curve["false_positive_rate"], curve["true_positive_rate"],
+                          label=f"{name} (AUROC {score['auroc']:.3f})")
+        at_threshold = score["test"][source]
+        axis.scatter([at_threshold["false_alarm_rate"]], [at_threshold["detection_rate"]],
+                     color=line.get_color(), edgecolor="black", zorder=3)
     axis.plot([0, 1], [0, 1], color="gray", ls=":", label="chance")
-    axis.scatter([test_results["false_alarm_rate"]], [test_results["detection_rate"]],
-                 color="black", zorder=3, label="at the threshold")
     axis.set_xlabel("false alarm rate")
     axis.set_ylabel("detection rate")
-    axis.legend(loc="lower right")
+    axis.set_title(f"dots: {SOURCE_LABELS[source]} threshold", fontsize=10)
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return figure
@@ -906,9 +1112,70 @@ def write_json(results, path):
         json.dump(to_json_value(results), file, indent=2)
 
 
+def save_plots(results, all_scores, x_test, y_test, samples, run_dir):
+    """Write every picture of the run into run_dir; return the matplotlib figures."""
+    head = results["headline"]
+    test_scores = all_scores[head["score"]]["test"]
+    anomaly, normal = results["examples"]["anomaly_index"], results["examples"]["normal_index"]
+    is_anomaly = ~np.isin(y_test, results["settings"]["NORMAL_DIGITS"])
+    top = np.argsort(-test_scores)[:32]
+    figures = [
+        plot_digit(x_test[anomaly], f"anomaly: digit {y_test[anomaly]}\n{head['score']} "
+                   f"{test_scores[anomaly]:.4g}", os.path.join(run_dir, "anomaly.png")),
+        plot_digit(x_test[normal], f"normal: digit {y_test[normal]}\n{head['score']} "
+                   f"{test_scores[normal]:.4g}", os.path.join(run_dir, "normal.png")),
+        plot_score_histograms(all_scores, results, is_anomaly,
+                              os.path.join(run_dir, "score_histogram.png")),
+        plot_image_grid(samples, [""] * len(samples), "Generated images",
+                        os.path.join(run_dir, "generated.png")),
+        plot_convergence(results, results["settings"]["PERCENTILE"],
+                         os.path.join(run_dir, "threshold_convergence.png")),
+        plot_image_grid(x_test[top], [f"{y_test[i]}: {test_scores[i]:.3g}" for i in top],
+                        f"Most anomalous test images by the {head['score']} score "
+                        "(digit: score)", os.path.join(run_dir, "top_anomalies.png")),
+    ]
+    if "auroc" in head:
+        figures.append(plot_roc(results, os.path.join(run_dir, "roc_curve.png")))
+    return figures
+
+
 # ---------------------------------------------------------------------------------------
 # The whole run
 # ---------------------------------------------------------------------------------------
+
+
+def split_validation(normal_train, fraction, seed):
+    """Return (train, validation): a seeded random share of the normal training images is
+    held out, never trained on, to measure how real normal images score."""
+    order = np.random.default_rng(seed).permutation(len(normal_train))
+    n_validation = int(round(fraction * len(normal_train)))
+    return normal_train[order[n_validation:]], normal_train[order[:n_validation]]
+
+
+def prepare_data(settings):
+    """Return the data of a run: normal training and validation images, test images and
+    labels, and where they came from; raise SettingsError if they do not fit the settings."""
+    x_train, y_train, x_test, y_test, source = load_data(settings["DATA_PATH"])
+    normal_digits = list(settings["NORMAL_DIGITS"])
+    normal_train, validation = split_validation(x_train[np.isin(y_train, normal_digits)],
+                                                settings["VALIDATION_FRACTION"],
+                                                settings["SEED"])
+    if settings["VALIDATION_FRACTION"] > 0 and len(validation) < 20:
+        raise SettingsError(
+            f"VALIDATION_FRACTION = {settings['VALIDATION_FRACTION']} holds out only "
+            f"{len(validation)} images of NORMAL_DIGITS = {tuple(normal_digits)}: expected a "
+            "fraction that keeps at least 20, or 0 with CLASSIFY_WITH = 'monte_carlo'.")
+    if len(normal_train) < settings["BATCH_SIZE"]:
+        raise SettingsError(
+            f"BATCH_SIZE = {settings['BATCH_SIZE']} is larger than the {len(normal_train)} "
+            f"training images of NORMAL_DIGITS = {tuple(normal_digits)}: expected an integer "
+            f"from 1 to {len(normal_train)}.")
+    log.info("Data from %s: %d training images, %d of them normal digits %s (%d trained on, "
+             "%d held out); %d test images.", source, len(x_train),
+             len(normal_train) + len(validation), normal_digits, len(normal_train),
+             len(validation), len(x_test))
+    return {"source": source, "normal_train": normal_train, "validation": validation,
+            "x_test": x_test, "y_test": y_test, "train_images": len(x_train)}
 
 
 def run(settings):
@@ -929,16 +1196,9 @@ def run(settings):
     run_dir = make_run_dir(settings["OUTPUT_DIR"], settings["NORMAL_DIGITS"], settings["SEED"])
     log.info("Writing results to %s", run_dir)
 
-    x_train, y_train, x_test, y_test, source = load_data(settings["DATA_PATH"])
+    data = prepare_data(settings)
+    x_test, y_test = data["x_test"], data["y_test"]
     normal_digits = list(settings["NORMAL_DIGITS"])
-    normal_train = x_train[np.isin(y_train, normal_digits)]
-    if len(normal_train) < settings["BATCH_SIZE"]:
-        raise SettingsError(
-            f"BATCH_SIZE = {settings['BATCH_SIZE']} is larger than the {len(normal_train)} "
-            f"training images of NORMAL_DIGITS = {tuple(normal_digits)}: expected an integer "
-            f"from 1 to {len(normal_train)}.")
-    log.info("Data from %s: %d training images, %d of them normal digits %s; %d test images.",
-             source, len(x_train), len(normal_train), normal_digits, len(x_test))
     timings["load_data_s"] = time.perf_counter() - started
 
     keras.utils.set_random_seed(settings["SEED"])
@@ -947,28 +1207,38 @@ def run(settings):
     with tf.device(device):
         phase = time.perf_counter()
         generator, discriminator, epoch_rows = train_gan(
-            to_model_input(normal_train), settings, run_dir)
+            to_model_input(data["normal_train"]), settings, run_dir)
         timings["training_s"] = time.perf_counter() - phase
         save_models(generator, discriminator, os.path.join(run_dir, "models"))
 
         phase = time.perf_counter()
-        mc_logits = monte_carlo_logits(generator, discriminator, settings["MC_SAMPLES"],
-                                       settings["MC_BATCH_SIZE"], settings["LATENT_DIM"],
-                                       settings["SEED"])
-        mc_scores = anomaly_scores_from_logits(mc_logits)
+        keep = settings["NEIGHBOUR_SAMPLES"] if "nearest_generated" in settings["SCORES"] else 0
+        mc_logits, reference = monte_carlo_sample(
+            generator, discriminator, settings["MC_SAMPLES"], settings["MC_BATCH_SIZE"],
+            settings["LATENT_DIM"], settings["SEED"], keep_images=keep)
         timings["monte_carlo_s"] = time.perf_counter() - phase
+        log.info("Generated and scored %d Monte Carlo images in %.1f s, keeping %d as "
+                 "neighbours.", settings["MC_SAMPLES"], timings["monte_carlo_s"], keep)
 
-        test_scores = anomaly_scores_from_logits(
-            discriminator_logits(discriminator, x_test, settings["MC_BATCH_SIZE"]))
+        all_scores = {}
+        for name in settings["SCORES"]:
+            phase = time.perf_counter()
+            all_scores[name] = compute_scores(
+                name, discriminator, mc_logits, reference,
+                {"validation": data["validation"], "test": x_test}, settings)
+            timings[f"score_{name}_s"] = time.perf_counter() - phase
+            log.info("Scored generated, held-out and test images with the %s score in %.1f s.",
+                     name, timings[f"score_{name}_s"])
         samples = generate_images(generator, 64, settings["LATENT_DIM"], settings["SEED"])
 
-    threshold, low, high = percentile_interval(mc_scores, settings["PERCENTILE"],
-                                               settings["CONFIDENCE"])
-    convergence = threshold_convergence(mc_scores, settings["PERCENTILE"],
-                                        settings["CONFIDENCE"])
-    test_results = evaluate(test_scores, y_test, normal_digits, threshold)
+    scores = {name: score_results(sets, y_test, normal_digits, settings)
+              for name, sets in all_scores.items()}
+    head_name = settings["SCORES"][0]
+    head_source = settings["CLASSIFY_WITH"]
+    head_scores = all_scores[head_name]["test"]
+    head_threshold = scores[head_name]["thresholds"][head_source]["value"]
     # The examples shown are the extremes: the most and the least anomalous test image.
-    anomaly_index, normal_index = int(np.argmax(test_scores)), int(np.argmin(test_scores))
+    anomaly_index, normal_index = int(np.argmax(head_scores)), int(np.argmin(head_scores))
     timings["total_s"] = time.perf_counter() - started
 
     results = {
@@ -977,49 +1247,28 @@ def run(settings):
         "device_requested": settings["DEVICE"],
         "device_used": device,
         "versions": library_versions(),
-        "data": {"source": source, "train_images": len(x_train),
-                 "normal_train_images": len(normal_train), "test_images": len(x_test)},
+        "data": {"source": data["source"], "train_images": data["train_images"],
+                 "normal_train_images": len(data["normal_train"]),
+                 "validation_images": len(data["validation"]), "test_images": len(x_test)},
         "training": {"epochs_run": len(epoch_rows), "final_epoch": epoch_rows[-1]},
-        "monte_carlo": {
-            "samples": settings["MC_SAMPLES"], "threshold": threshold,
-            "threshold_low": low, "threshold_high": high,
-            "score_mean": float(mc_scores.mean()), "score_min": float(mc_scores.min()),
-            "score_max": float(mc_scores.max()),
-            "convergence": [dict(zip(("samples", "threshold", "low", "high"), row))
-                            for row in convergence],
-        },
-        "test": test_results,
+        "scores": scores,
+        "headline": {"score": head_name, "threshold_from": head_source,
+                     "threshold": head_threshold,
+                     **{k: v for k, v in scores[head_name].items() if k == "auroc"},
+                     "test": scores[head_name]["test"][head_source]},
         "examples": {
             "anomaly_index": anomaly_index, "normal_index": normal_index,
-            "anomaly": describe_image(anomaly_index, test_scores, y_test, normal_digits,
-                                      threshold),
-            "normal": describe_image(normal_index, test_scores, y_test, normal_digits,
-                                     threshold),
+            "anomaly": describe_image(anomaly_index, head_scores, y_test, normal_digits,
+                                      head_threshold),
+            "normal": describe_image(normal_index, head_scores, y_test, normal_digits,
+                                     head_threshold),
         },
         "timings": timings,
     }
     write_json(results, os.path.join(run_dir, "results.json"))
     print(summary_text(results), flush=True)
 
-    is_anomaly = ~np.isin(y_test, normal_digits)
-    figures = [
-        plot_digit(x_test[anomaly_index], f"anomaly: digit {y_test[anomaly_index]}\nscore "
-                   f"{test_scores[anomaly_index]:.4g}", os.path.join(run_dir, "anomaly.png")),
-        plot_digit(x_test[normal_index], f"normal: digit {y_test[normal_index]}\nscore "
-                   f"{test_scores[normal_index]:.4g}", os.path.join(run_dir, "normal.png")),
-        plot_score_histogram(mc_scores, test_scores, is_anomaly, threshold,
-                             os.path.join(run_dir, "score_histogram.png")),
-        plot_image_grid(samples, [""] * len(samples), "Generated images",
-                        os.path.join(run_dir, "generated.png")),
-        plot_convergence(convergence, settings["PERCENTILE"],
-                         os.path.join(run_dir, "threshold_convergence.png")),
-    ]
-    top = np.argsort(-test_scores)[:32]
-    figures.append(plot_image_grid(
-        x_test[top], [f"{y_test[i]}: {test_scores[i]:.3g}" for i in top],
-        "Most anomalous test images (digit: score)", os.path.join(run_dir, "top_anomalies.png")))
-    if "auroc" in test_results:
-        figures.append(plot_roc(test_results, os.path.join(run_dir, "roc_curve.png")))
+    figures = save_plots(results, all_scores, x_test, y_test, samples, run_dir)
     log.info("Saved plots, models and results.json in %s", run_dir)
     if show_plots:
         plt.show()

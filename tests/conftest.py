@@ -27,6 +27,7 @@ TINY_FLAGS = [
     "--batch-size", "64",
     "--mc-samples", "3000",
     "--mc-batch-size", "1000",
+    "--neighbour-samples", "1000",
     "--seed", "7",
 ]
 

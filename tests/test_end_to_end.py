@@ -34,32 +34,54 @@ def test_results_hold_the_settings_versions_device_and_timings(tiny_run):
     assert 0 < timings["training_s"] < timings["total_s"]
 
 
-def test_threshold_lies_inside_its_interval_and_the_sample_range(tiny_run):
-    mc = tiny_run["monte_carlo"]
-    assert mc["samples"] == 3000
-    assert mc["score_min"] <= mc["threshold_low"] <= mc["threshold"] <= mc["threshold_high"]
-    assert mc["threshold_high"] <= mc["score_max"]
-    assert mc["score_min"] <= mc["score_mean"] <= mc["score_max"]
-    assert 0.0 <= mc["score_min"] and mc["score_max"] <= 1.0
-    assert mc["convergence"][-1]["samples"] == 3000
-    assert mc["convergence"][-1]["threshold"] == mc["threshold"]
+def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
+    assert list(tiny_run["scores"]) == ["nearest_generated", "discriminator"]
+    discriminator = tiny_run["scores"]["discriminator"]
+    neighbours = tiny_run["scores"]["nearest_generated"]
+    assert discriminator["generated"]["samples"] == 3000
+    assert neighbours["generated"]["samples"] == 1000  # NEIGHBOUR_SAMPLES
+    assert 0.0 <= discriminator["generated"]["min"] and discriminator["generated"]["max"] <= 1
+    assert neighbours["generated"]["min"] > 0  # no generated image is its own neighbour
+    for name, score in tiny_run["scores"].items():
+        generated = score["generated"]
+        assert generated["min"] <= generated["mean"] <= generated["max"], name
+        assert set(score["thresholds"]) == {"monte_carlo", "validation"}
+        assert score["thresholds"]["validation"]["images"] == tiny_run["data"][
+            "validation_images"] == 80  # 10% of the 800 training images of 0 and 1
+        for threshold in score["thresholds"].values():
+            assert threshold["low"] <= threshold["value"] <= threshold["high"], name
+        mc = score["thresholds"]["monte_carlo"]
+        assert generated["min"] <= mc["low"] and mc["high"] <= generated["max"]
+        assert generated["convergence"][-1]["samples"] == generated["samples"]
+        assert generated["convergence"][-1]["threshold"] == mc["value"]
 
 
 def test_test_results_add_up(tiny_run):
-    test = tiny_run["test"]
-    confusion = test["confusion"]
-    assert test["test_images"] == 1000 == sum(confusion.values())
-    assert test["labelled_anomalies"] == 800  # 100 test images of each digit, 2 are normal
-    assert confusion["true_positives"] + confusion["false_negatives"] == 800
-    assert confusion["true_positives"] + confusion["false_positives"] == test["flagged"]
-    for name in ("flag_rate", "auroc", "detection_rate", "false_alarm_rate", "precision", "f1"):
-        assert 0.0 <= test[name] <= 1.0, name
-    assert test["flag_rate"] == pytest.approx(test["flagged"] / 1000)
-    assert test["detection_rate"] == pytest.approx(confusion["true_positives"] / 800)
-    assert test["false_alarm_rate"] == pytest.approx(confusion["false_positives"] / 200)
-    per_digit = test["flag_rate_per_digit"]
-    assert sorted(per_digit) == [str(d) for d in range(10)]
-    assert np.mean(list(per_digit.values())) == pytest.approx(test["flag_rate"])
+    for name, score in tiny_run["scores"].items():
+        assert 0.0 <= score["auroc"] <= 1.0
+        for test in score["test"].values():
+            confusion = test["confusion"]
+            assert test["test_images"] == 1000 == sum(confusion.values())
+            assert test["labelled_anomalies"] == 800  # 100 test images a digit, 2 normal
+            assert confusion["true_positives"] + confusion["false_negatives"] == 800
+            assert confusion["true_positives"] + confusion["false_positives"] == test["flagged"]
+            for key in ("flag_rate", "detection_rate", "false_alarm_rate", "precision", "f1"):
+                assert 0.0 <= test[key] <= 1.0, key
+            assert test["flag_rate"] == pytest.approx(test["flagged"] / 1000)
+            assert test["detection_rate"] == pytest.approx(confusion["true_positives"] / 800)
+            assert test["false_alarm_rate"] == pytest.approx(confusion["false_positives"] / 200)
+            per_digit = test["flag_rate_per_digit"]
+            assert sorted(per_digit) == [str(d) for d in range(10)]
+            assert np.mean(list(per_digit.values())) == pytest.approx(test["flag_rate"])
+
+
+def test_headline_is_the_first_score_at_the_chosen_threshold(tiny_run):
+    head = tiny_run["headline"]
+    assert head["score"] == "nearest_generated" and head["threshold_from"] == "validation"
+    score = tiny_run["scores"]["nearest_generated"]
+    assert head["threshold"] == score["thresholds"]["validation"]["value"]
+    assert head["test"] == score["test"]["validation"]
+    assert head["auroc"] == score["auroc"]
 
 
 def test_epoch_log_csv_has_one_finite_row_per_epoch(tiny_run):
@@ -74,43 +96,57 @@ def test_epoch_log_csv_has_one_finite_row_per_epoch(tiny_run):
                                                       ["d_loss"])
 
 
-def test_saved_models_reproduce_the_recorded_threshold(tiny_run):
+def test_saved_models_reproduce_the_recorded_thresholds(tiny_run, mnist_npz):
     import keras
 
     models = os.path.join(tiny_run["run_dir"], "models")
     generator = keras.models.load_model(os.path.join(models, "generator.keras"))
     discriminator = keras.models.load_model(os.path.join(models, "discriminator.keras"))
-    logits = gma.monte_carlo_logits(generator, discriminator, 3000, 1000, 8, seed=7)
-    threshold = gma.percentile_interval(gma.anomaly_scores_from_logits(logits), 95.0, 0.95)[0]
-    assert threshold == pytest.approx(tiny_run["monte_carlo"]["threshold"], rel=1e-5)
+    logits, reference = gma.monte_carlo_sample(generator, discriminator, 3000, 1000, 8, seed=7,
+                                               keep_images=1000)
+    settings = {**gma.default_settings(), "MC_BATCH_SIZE": 1000, "NEIGHBOURS": 5}
+    for name, score in tiny_run["scores"].items():
+        sets = gma.compute_scores(name, discriminator, logits, reference, {}, settings)
+        threshold = gma.percentile_interval(sets["generated"], 95.0, 0.95)[0]
+        assert threshold == pytest.approx(score["thresholds"]["monte_carlo"]["value"],
+                                          rel=1e-5), name
 
 
 def test_summary_is_printed_with_the_recorded_numbers(tiny_run, capsys):
     text = gma.summary_text(tiny_run)
-    assert f"{tiny_run['monte_carlo']['threshold']:.4g}" in text
-    assert f"AUROC {tiny_run['test']['auroc']:.3f}" in text
-    assert "digit" in text and "score" in text
+    for score in tiny_run["scores"].values():
+        for threshold in score["thresholds"].values():
+            assert f"{threshold['value']:.4g} [{threshold['low']:.4g}" in text
+        assert f"{score['auroc']:.3f}" in text
+    assert tiny_run["examples"]["anomaly"] in text and tiny_run["examples"]["normal"] in text
 
 
 def test_same_seed_gives_the_same_threshold_and_test_results(tmp_path, mnist_npz, tiny_run):
     again = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path)])
     assert again["run_dir"] != tiny_run["run_dir"]
-    assert again["monte_carlo"]["threshold"] == tiny_run["monte_carlo"]["threshold"]
-    assert again["test"] == tiny_run["test"]
+    assert again["scores"] == tiny_run["scores"]
 
 
 def test_another_seed_gives_another_threshold(tmp_path, mnist_npz, tiny_run):
     other = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
                       "--seed", "8"])
-    assert other["monte_carlo"]["threshold"] != tiny_run["monte_carlo"]["threshold"]
+    for name in ("discriminator", "nearest_generated"):
+        assert (other["scores"][name]["thresholds"]["monte_carlo"]["value"]
+                != tiny_run["scores"][name]["thresholds"]["monte_carlo"]["value"])
 
 
-def test_all_digits_normal_reports_flag_rates_without_detection_metrics(tmp_path, mnist_npz):
+def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz):
+    # The original setting: every digit is normal, and only the Monte Carlo threshold.
     results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
-                        "--normal-digits", *map(str, range(10)), "--epochs", "1"])
-    assert results["test"]["labelled_anomalies"] == 0
-    assert "auroc" not in results["test"]
-    assert 0.0 <= results["test"]["flag_rate"] <= 1.0
+                        "--normal-digits", *map(str, range(10)), "--epochs", "1",
+                        "--validation-fraction", "0", "--classify-with", "monte_carlo"])
+    assert results["data"]["validation_images"] == 0
+    assert results["headline"]["threshold_from"] == "monte_carlo"
+    for score in results["scores"].values():
+        assert "auroc" not in score and list(score["thresholds"]) == ["monte_carlo"]
+        for test in score["test"].values():
+            assert test["labelled_anomalies"] == 0 and "detection_rate" not in test
+            assert 0.0 <= test["flag_rate"] <= 1.0
     assert not os.path.exists(os.path.join(results["run_dir"], "roc_curve.png"))
     assert "flag rate (all test digits are normal)" in gma.summary_text(results)
 

@@ -17,9 +17,9 @@ MEASURE = textwrap.dedent("""
     generator = gma.build_generator(8, (16,))
     discriminator = gma.build_discriminator((16,))
     count = int(sys.argv[1])
-    gma.monte_carlo_logits(generator, discriminator, 10_000, 10_000, 8, seed=0)  # warm up
+    gma.monte_carlo_sample(generator, discriminator, 10_000, 10_000, 8, seed=0)  # warm up
     before = peak_mib()
-    logits = gma.monte_carlo_logits(generator, discriminator, count, 10_000, 8, seed=1)
+    logits, _ = gma.monte_carlo_sample(generator, discriminator, count, 10_000, 8, seed=1)
     assert len(logits) == count
     print(peak_mib() - before)
 """)

@@ -40,18 +40,90 @@ def test_test_image_with_lower_d_gets_higher_score_through_the_real_discriminato
     assert scores[lower_d] > scores[higher_d]
 
 
-def test_monte_carlo_logits_are_reproducible_and_batch_size_independent():
+def test_monte_carlo_sample_is_reproducible_and_keeps_only_the_images_asked_for():
     generator = gma.build_generator(8, (16,))
     discriminator = gma.build_discriminator((16,))
-    whole = gma.monte_carlo_logits(generator, discriminator, 1000, 1000, 8, seed=3)
-    again = gma.monte_carlo_logits(generator, discriminator, 1000, 1000, 8, seed=3)
-    other_seed = gma.monte_carlo_logits(generator, discriminator, 1000, 1000, 8, seed=4)
-    np.testing.assert_array_equal(whole, again)
-    assert not np.array_equal(whole, other_seed)
-    assert whole.shape == (1000,) and np.all(np.isfinite(whole))
-    # Batches of 300 draw different noise, but they are all drawn and scored: 1000 values.
-    batched = gma.monte_carlo_logits(generator, discriminator, 1000, 300, 8, seed=3)
-    assert batched.shape == (1000,) and np.all(np.isfinite(batched))
-    np.testing.assert_array_equal(batched[:300],
-                                  gma.monte_carlo_logits(generator, discriminator, 300, 300, 8,
-                                                         seed=3))
+    logits, images = gma.monte_carlo_sample(generator, discriminator, 1000, 300, 8, seed=3,
+                                            keep_images=450)
+    again, _ = gma.monte_carlo_sample(generator, discriminator, 1000, 300, 8, seed=3)
+    other_seed, _ = gma.monte_carlo_sample(generator, discriminator, 1000, 300, 8, seed=4)
+    np.testing.assert_array_equal(logits, again)
+    assert not np.array_equal(logits, other_seed)
+    assert logits.shape == (1000,) and np.all(np.isfinite(logits))
+    assert images.shape == (450, 784) and images.min() >= 0 and images.max() <= 1
+    # The kept images are the ones that were scored: D of them gives the same logits.
+    np.testing.assert_allclose(gma.discriminator_logits(discriminator,
+                                                        images.reshape(-1, 28, 28), 450),
+                               logits[:450], rtol=1e-4, atol=1e-4)
+    # A shorter sample is the start of a longer one with the same seed and batch size.
+    shorter, _ = gma.monte_carlo_sample(generator, discriminator, 600, 300, 8, seed=3)
+    np.testing.assert_array_equal(shorter, logits[:600])
+
+
+def brute_force_distances(queries, reference, neighbours, skip_self=False):
+    distances = np.sqrt(((queries[:, None, :] - reference[None, :, :]) ** 2).sum(-1))
+    if skip_self:
+        np.fill_diagonal(distances, np.inf)
+    return np.sort(distances, axis=1)[:, :neighbours].mean(axis=1)
+
+
+def test_an_image_equal_to_a_generated_one_scores_lowest():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(size=(50, 784)).astype(np.float32)
+    queries = np.stack([reference[17], reference[17] + 0.05, rng.uniform(size=784)])
+    scores = gma.nearest_generated_distances(queries, reference, neighbours=1)
+    assert scores[0] == pytest.approx(0.0, abs=0.05)  # float32 cancellation, see below
+    assert scores[0] < scores[1] < scores[2]
+    assert scores[1] == pytest.approx(0.05 * np.sqrt(784), rel=1e-3)
+
+
+def test_a_far_image_scores_higher_than_a_near_one():
+    reference = np.zeros((20, 784), np.float32)
+    reference[:, :10] = np.random.default_rng(1).uniform(size=(20, 10))
+    near = np.zeros(784, np.float32)
+    far = np.ones(784, np.float32)
+    near_score, far_score = gma.nearest_generated_distances(np.stack([near, far]), reference, 3)
+    assert near_score < far_score
+
+
+def test_scores_match_brute_force_in_any_block_size():
+    rng = np.random.default_rng(2)
+    reference = rng.uniform(size=(40, 784)).astype(np.float32)
+    queries = rng.uniform(size=(23, 784)).astype(np.float32)
+    expected = brute_force_distances(queries, reference, 4)
+    for block_rows in (1, 5, 23, None):
+        scores = gma.nearest_generated_distances(queries, reference, 4, block_rows=block_rows)
+        np.testing.assert_allclose(scores, expected, rtol=1e-4)
+
+
+def test_leave_one_out_never_counts_a_sample_as_its_own_neighbour():
+    rng = np.random.default_rng(3)
+    reference = rng.uniform(size=(30, 784)).astype(np.float32)
+    scores = gma.nearest_generated_distances(reference, reference, 2,
+                                             self_indices=np.arange(30), block_rows=7)
+    assert np.all(scores > 1.0)  # random points in [0, 1]^784 lie about 11 apart
+    np.testing.assert_allclose(scores, brute_force_distances(reference, reference, 2,
+                                                             skip_self=True), rtol=1e-4)
+    # Without skipping, each sample's nearest neighbour would be itself, at distance 0 (up to
+    # float32 cancellation in |q|^2 + |g|^2 - 2 q.g, a few hundredths here).
+    with_self = gma.nearest_generated_distances(reference, reference, 1)
+    assert np.all(with_self < 0.05)
+
+
+def test_default_blocks_keep_each_distance_matrix_within_64_mib(monkeypatch):
+    rng = np.random.default_rng(4)
+    reference = rng.uniform(size=(5000, 784)).astype(np.float32)
+    queries = rng.uniform(size=(7000, 784)).astype(np.float32)
+    gma.nearest_generated_distances(queries[:1], reference, 1)  # compiles the block scorer
+    block_sizes = []
+    compiled = gma._block_scorer
+
+    def recording_scorer(query_block, *rest):
+        block_sizes.append(len(query_block))
+        return compiled(query_block, *rest)
+
+    monkeypatch.setattr(gma, "_block_scorer", recording_scorer)
+    scores = gma.nearest_generated_distances(queries, reference, 1)
+    assert len(scores) == 7000 and sum(block_sizes) == 7000
+    assert len(block_sizes) == 3  # 3,355 queries a block for 5,000 references
+    assert max(block_sizes) * len(reference) * 4 <= 64 * 2 ** 20

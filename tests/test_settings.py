@@ -48,6 +48,15 @@ BAD_SETTINGS = [
     ("PERCENTILE", 100.0, "PERCENTILE = 100.0 is not valid: expected a number in \\(0, 100\\)"),
     ("PERCENTILE", 0, "PERCENTILE = 0 is not valid"),
     ("CONFIDENCE", 1.0, "CONFIDENCE = 1.0 is not valid: expected a number in \\(0, 1\\)"),
+    ("SCORES", (), "SCORES = \\(\\) is not valid: expected a non-empty tuple of distinct names"),
+    ("SCORES", ("nearest",), "SCORES = \\('nearest',\\) is not valid: .*'nearest_generated'"),
+    ("NEIGHBOURS", 0, "NEIGHBOURS = 0 is not valid: expected an integer >= 1"),
+    ("NEIGHBOUR_SAMPLES", 5, "NEIGHBOUR_SAMPLES = 5 is not valid: expected an integer >= 6"),
+    ("NEIGHBOUR_SAMPLES", 200_000, "NEIGHBOUR_SAMPLES = 200000 is larger than MC_SAMPLES"),
+    ("VALIDATION_FRACTION", 0.5, "VALIDATION_FRACTION = 0.5 is not valid: expected a number "
+                                 "in \\[0, 0.5\\)"),
+    ("CLASSIFY_WITH", "test", "CLASSIFY_WITH = 'test' is not valid: expected one of "
+                              "\\('validation', 'monte_carlo'\\)"),
     ("OUTPUT_DIR", "", "OUTPUT_DIR = '' is not valid: expected a folder path"),
     ("SHOW_PLOTS", "yes", "SHOW_PLOTS = 'yes' is not valid: expected True or False"),
 ]
@@ -62,6 +71,25 @@ def test_each_bad_setting_is_named_with_its_value_and_accepted_values(name, valu
 
 def test_every_setting_has_a_bad_value_test():
     assert set(gma.SETTING_NAMES) <= {name for name, _, _ in BAD_SETTINGS}
+
+
+def test_validation_threshold_needs_held_out_images():
+    settings = with_setting("VALIDATION_FRACTION", 0.0)
+    with pytest.raises(gma.SettingsError, match="CLASSIFY_WITH = 'validation' needs held-out "
+                                                "images, but VALIDATION_FRACTION = 0"):
+        gma.check_settings(settings)
+    settings["CLASSIFY_WITH"] = "monte_carlo"
+    assert gma.check_settings(settings) is None
+
+
+def test_too_few_held_out_images(tmp_path, mnist_npz, monkeypatch):
+    settings = gma.parse_args(TINY_FLAGS + ["--data-path", mnist_npz, "--output-dir",
+                                            str(tmp_path), "--normal-digits", "3",
+                                            "--validation-fraction", "0.01"])
+    monkeypatch.setattr(gma, "train_gan", lambda *a: pytest.fail("training started"))
+    with pytest.raises(gma.SettingsError, match="VALIDATION_FRACTION = 0.01 holds out only 4 "
+                                                "images of NORMAL_DIGITS = \\(3,\\)"):
+        gma.run(settings)
 
 
 def test_output_dir_that_is_a_file(tmp_path):
@@ -85,7 +113,7 @@ def test_batch_larger_than_the_normal_training_images(tmp_path, mnist_npz, monke
                                             str(tmp_path), "--normal-digits", "3",
                                             "--batch-size", "5000"])
     monkeypatch.setattr(gma, "train_gan", lambda *a: pytest.fail("training started"))
-    with pytest.raises(gma.SettingsError, match="BATCH_SIZE = 5000 is larger than the 400 "
+    with pytest.raises(gma.SettingsError, match="BATCH_SIZE = 5000 is larger than the 360 "
                                                 "training images of NORMAL_DIGITS = \\(3,\\)"):
         gma.run(settings)
 

@@ -1,0 +1,138 @@
+"""One-class MNIST benchmark: each digit in turn is the only normal class.
+
+For every digit, the script's whole pipeline runs with that digit as NORMAL_DIGITS: train on
+its training images, draw the Monte Carlo sample, score the full test set. Beside the GAN's
+scores it reports a baseline without a GAN: the mean distance to the nearest *training*
+images of the digit, thresholded on the same held-out images, so the table shows what the
+generator adds.
+
+    python benchmarks/one_class.py --data-path PATH/mnist.npz [--digits 0 1 ...] \
+        [--output benchmarks/out] [any gan_mc_anomaly.py flag, e.g. --epochs 30]
+
+It writes one_class.md (the table) and one_class.json (every number) into --output.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gan_mc_anomaly as gma  # noqa: E402
+
+BASELINE = "nearest_training"
+
+
+def baseline_results(data, settings):
+    """Return the no-GAN baseline's results: distance to the nearest training images."""
+    train = data["normal_train"].reshape(len(data["normal_train"]), gma.IMAGE_PIXELS)
+    k = settings["NEIGHBOURS"]
+    validation = gma.nearest_generated_distances(
+        data["validation"].reshape(len(data["validation"]), gma.IMAGE_PIXELS), train, k)
+    test = gma.nearest_generated_distances(
+        data["x_test"].reshape(len(data["x_test"]), gma.IMAGE_PIXELS), train, k)
+    threshold = gma.percentile_interval(validation, settings["PERCENTILE"],
+                                        settings["CONFIDENCE"])[0]
+    is_anomaly = ~np.isin(data["y_test"], settings["NORMAL_DIGITS"])
+    return {"auroc": gma.ranking_quality(test, is_anomaly)["auroc"],
+            "validation": gma.evaluate(test, data["y_test"], settings["NORMAL_DIGITS"],
+                                       threshold)}
+
+
+def digit_row(results, baseline):
+    """Return the table row of one digit: per score, AUROC and rates at both thresholds."""
+    row = {}
+    for name, score in results["scores"].items():
+        row[name] = {"auroc": score["auroc"]}
+        for source, test in score["test"].items():
+            row[name][f"{source}_false_alarm"] = test["false_alarm_rate"]
+            row[name][f"{source}_detection"] = test["detection_rate"]
+    row[BASELINE] = {"auroc": baseline["auroc"],
+                     "validation_false_alarm": baseline["validation"]["false_alarm_rate"],
+                     "validation_detection": baseline["validation"]["detection_rate"]}
+    return row
+
+
+COLUMNS = [("auroc", "AUROC"), ("validation_false_alarm", "false alarm (val.)"),
+           ("validation_detection", "detection (val.)"),
+           ("monte_carlo_false_alarm", "false alarm (MC)"),
+           ("monte_carlo_detection", "detection (MC)")]
+
+
+def markdown_table(rows, header_lines):
+    """Return the benchmark table as Markdown: a row per digit and score, then the means."""
+    names = list(next(iter(rows.values())))
+    lines = header_lines + ["", "| digit | score | " + " | ".join(t for _, t in COLUMNS) + " |",
+                            "|---|---|" + "---:|" * len(COLUMNS)]
+
+    def cells(values):
+        return [("-" if key not in values else
+                 f"{values[key]:.3f}" if key == "auroc" else f"{values[key]:.1%}")
+                for key, _ in COLUMNS]
+
+    for digit, row in rows.items():
+        for name in names:
+            lines.append(f"| {digit} | {name} | " + " | ".join(cells(row[name])) + " |")
+    for name in names:
+        keys = [key for key, _ in COLUMNS if key in next(iter(rows.values()))[name]]
+        means = {key: float(np.mean([row[name][key] for row in rows.values()]))
+                 for key in keys}
+        lines.append(f"| **mean** | {name} | " + " | ".join(cells(means)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-path", required=True, help="Keras-format mnist.npz")
+    parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
+                        help="digits to take in turn as the normal class")
+    parser.add_argument("--output", default=os.path.join("benchmarks", "out"),
+                        help="folder for one_class.md, one_class.json and the runs")
+    args, script_flags = parser.parse_known_args(argv)
+    settings = gma.parse_args(script_flags + ["--data-path", args.data_path, "--output-dir",
+                                              os.path.join(args.output, "runs")])
+    if settings["CLASSIFY_WITH"] != "validation" or settings["VALIDATION_FRACTION"] == 0:
+        parser.error("the benchmark needs held-out images: keep VALIDATION_FRACTION > 0")
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+    rows, started = {}, time.perf_counter()
+    for digit in args.digits:
+        digit_settings = {**settings, "NORMAL_DIGITS": (digit,)}
+        gma.check_settings(digit_settings)
+        results = gma.run(digit_settings)
+        baseline = baseline_results(gma.prepare_data(digit_settings), digit_settings)
+        rows[digit] = digit_row(results, baseline)
+    minutes = (time.perf_counter() - started) / 60
+
+    header = [
+        f"One-class MNIST: each digit alone is normal, the other nine are anomalies "
+        f"({len(args.digits)} digits, {minutes:.1f} minutes).",
+        f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
+        f"device {results['device_used']}; settings as the script's defaults except: "
+        + ", ".join(f"{k}={v}" for k, v in settings.items()
+                    if k not in ("NORMAL_DIGITS", "OUTPUT_DIR", "DATA_PATH")
+                    and v != gma.default_settings()[k]) + ".",
+        "Thresholds: val. = 95th percentile of held-out real images of the digit; MC = 95th "
+        "percentile of generated images (the Monte Carlo threshold).",
+    ]
+    os.makedirs(args.output, exist_ok=True)
+    table = markdown_table(rows, header)
+    with open(os.path.join(args.output, "one_class.md"), "w", encoding="utf-8") as file:
+        file.write(table)
+    with open(os.path.join(args.output, "one_class.json"), "w", encoding="utf-8") as file:
+        json.dump({"settings": gma.to_json_value(settings), "minutes": minutes,
+                   "machine": platform.machine(), "cores": os.cpu_count(),
+                   "date": str(datetime.date.today()), "digits": rows}, file, indent=2)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
