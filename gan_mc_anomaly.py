@@ -61,6 +61,11 @@ NEIGHBOUR_SAMPLES = 20_000  # generated images kept as neighbours, integer > NEI
 VALIDATION_FRACTION = 0.1  # normal training images held out for a real-data threshold, [0, 0.5)
 CLASSIFY_WITH = "validation"  # threshold that flags test images: "validation" or "monte_carlo"
 
+# Reuse a trained run
+LOAD_RUN = None  # earlier run folder whose models and thresholds score SCORE_IMAGES; no training
+SCORE_IMAGES = None  # images to score: .npz or .npy of 28x28 images, or a folder of PNG files
+FRESH_SAMPLE = False  # with LOAD_RUN: thresholds from a new Monte Carlo sample, True/False
+
 # Output
 OUTPUT_DIR = "runs"  # each run writes a new folder inside this one
 SHOW_PLOTS = False  # also show the plots on screen (only when a display exists), True/False
@@ -76,7 +81,8 @@ SETTING_NAMES = (
     "DATA_PATH", "NORMAL_DIGITS", "LATENT_DIM", "GENERATOR_WIDTHS", "DISCRIMINATOR_WIDTHS",
     "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "ADAM_BETA_1", "SEED", "DEVICE", "MC_SAMPLES",
     "MC_BATCH_SIZE", "PERCENTILE", "CONFIDENCE", "SCORES", "NEIGHBOURS", "NEIGHBOUR_SAMPLES",
-    "VALIDATION_FRACTION", "CLASSIFY_WITH", "OUTPUT_DIR", "SHOW_PLOTS",
+    "VALIDATION_FRACTION", "CLASSIFY_WITH", "LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE",
+    "OUTPUT_DIR", "SHOW_PLOTS",
 )
 KNOWN_SCORES = ("nearest_generated", "discriminator")
 THRESHOLD_SOURCES = ("validation", "monte_carlo")
@@ -229,7 +235,8 @@ def check_settings(settings):
         raise _bad("SCORES", scores, f"a non-empty tuple of distinct names from {KNOWN_SCORES}")
     _check_int(settings, "NEIGHBOURS", 1)
     _check_int(settings, "NEIGHBOUR_SAMPLES", settings["NEIGHBOURS"] + 1)
-    if settings["NEIGHBOUR_SAMPLES"] > settings["MC_SAMPLES"]:
+    # A reused run brings its own NEIGHBOUR_SAMPLES, checked against MC_SAMPLES on loading.
+    if settings["NEIGHBOUR_SAMPLES"] > settings["MC_SAMPLES"] and settings["LOAD_RUN"] is None:
         raise SettingsError(f"NEIGHBOUR_SAMPLES = {settings['NEIGHBOUR_SAMPLES']} is larger "
                             f"than MC_SAMPLES = {settings['MC_SAMPLES']}: the neighbours are "
                             "taken from the Monte Carlo sample, so expected at most "
@@ -242,6 +249,23 @@ def check_settings(settings):
                             "VALIDATION_FRACTION = 0: expected VALIDATION_FRACTION in (0, 0.5) "
                             "or CLASSIFY_WITH = 'monte_carlo'.")
 
+    load_run, score_images = settings["LOAD_RUN"], settings["SCORE_IMAGES"]
+    if load_run is not None and not os.path.isdir(load_run):
+        raise SettingsError(f"LOAD_RUN = {str(load_run)!r}: no such folder. Expected None or "
+                            "a run folder written by this script.")
+    if score_images is not None and not os.path.exists(score_images):
+        raise SettingsError(f"SCORE_IMAGES = {str(score_images)!r}: no such file or folder. "
+                            "Expected None, a .npz or .npy file, or a folder of PNG files.")
+    if score_images is not None and os.path.isfile(score_images) and not str(
+            score_images).lower().endswith((".npz", ".npy")):
+        raise SettingsError(f"SCORE_IMAGES = {str(score_images)!r} is neither .npz nor .npy: "
+                            "expected a .npz or .npy file, or a folder of PNG files.")
+    if load_run is not None and score_images is None:
+        raise SettingsError(f"LOAD_RUN = {str(load_run)!r} is set but SCORE_IMAGES is None: "
+                            "expected the images to score with the loaded run.")
+    if not isinstance(settings["FRESH_SAMPLE"], bool):
+        raise _bad("FRESH_SAMPLE", settings["FRESH_SAMPLE"], "True or False")
+
     output_dir = settings["OUTPUT_DIR"]
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
         raise _bad("OUTPUT_DIR", output_dir, "a folder path")
@@ -252,14 +276,14 @@ def check_settings(settings):
         raise _bad("SHOW_PLOTS", settings["SHOW_PLOTS"], "True or False")
 
 
-def make_run_dir(output_dir, normal_digits, seed):
-    """Create and return a new run folder; it never reuses an earlier run's folder.
+def make_run_dir(output_dir, label):
+    """Create and return a new run folder named by time and label; it never reuses an
+    earlier run's folder.
 
     Creating it before training is also the check that the output folder can be written.
     """
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    digits = "".join(str(d) for d in sorted(normal_digits))
-    base = os.path.join(output_dir, f"{stamp}_normal{digits}_seed{seed}")
+    base = os.path.join(output_dir, f"{stamp}_{label}")
     try:
         os.makedirs(output_dir, exist_ok=True)
         for attempt in range(1000):
@@ -613,7 +637,7 @@ def train_gan(x_train, settings, run_dir):
 
 
 # ---------------------------------------------------------------------------------------
-# Scoring: 1 - D(x), for test images and for the Monte Carlo sample of generated images
+# Scoring: 1 - D(x), and the distance to the nearest images of the Monte Carlo sample
 # ---------------------------------------------------------------------------------------
 
 
@@ -1193,7 +1217,8 @@ def run(settings):
 
     timings = {}
     started = time.perf_counter()
-    run_dir = make_run_dir(settings["OUTPUT_DIR"], settings["NORMAL_DIGITS"], settings["SEED"])
+    digits = "".join(str(d) for d in sorted(settings["NORMAL_DIGITS"]))
+    run_dir = make_run_dir(settings["OUTPUT_DIR"], f"normal{digits}_seed{settings['SEED']}")
     log.info("Writing results to %s", run_dir)
 
     data = prepare_data(settings)
@@ -1278,6 +1303,235 @@ def run(settings):
     return results
 
 
+# ---------------------------------------------------------------------------------------
+# Reuse a trained run: score new images with its networks and thresholds
+# ---------------------------------------------------------------------------------------
+
+
+def load_images_to_score(path):
+    """Return (images in [0, 1] shaped (n, 28, 28), a name for each image) from a .npy, a
+    .npz or a folder of PNG files; raise DataError when they cannot be scored."""
+    if os.path.isdir(path):
+        return load_png_folder(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"SCORE_IMAGES = {str(path)!r} cannot be read ({error})")
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = [k for k in ("images", "x_test", "x") if k in loaded.files]
+            if len(loaded.files) == 1:
+                keys = loaded.files
+            if not keys:
+                raise DataError(f"SCORE_IMAGES = {str(path)!r} holds {loaded.files}: expected "
+                                "one array, or one named 'images', 'x_test' or 'x'")
+            loaded = loaded[keys[0]]
+    if loaded.ndim == 2:
+        loaded = loaded[None]  # a single 28x28 image
+    images = check_images(loaded, f"SCORE_IMAGES = {str(path)!r}")
+    return images, [str(i) for i in range(len(images))]
+
+
+def load_png_folder(folder):
+    """Return (images, file names) from the PNG files of a folder, as 28x28 grayscale."""
+    from PIL import Image
+
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".png"))
+    if not names:
+        raise DataError(f"SCORE_IMAGES = {str(folder)!r} holds no .png files")
+    images, resized = [], []
+    for name in names:
+        try:
+            with Image.open(os.path.join(folder, name)) as picture:
+                gray = picture.convert("L")
+                if gray.size != IMAGE_SHAPE[::-1]:
+                    resized.append(f"{name} ({gray.size[0]}x{gray.size[1]})")
+                    gray = gray.resize(IMAGE_SHAPE[::-1], Image.Resampling.LANCZOS)
+                images.append(np.asarray(gray, dtype=np.uint8))
+        except OSError as error:
+            raise DataError(f"SCORE_IMAGES: {name} in {folder} is not a readable PNG ({error})")
+    if resized:
+        log.warning("Resized %d of %d images to 28x28: %s%s", len(resized), len(names),
+                    ", ".join(resized[:5]), " ..." if len(resized) > 5 else "")
+    images = np.stack(images).astype(np.float32) / 255.0
+    if images.mean() > 0.5:
+        log.warning("The PNG images are mostly light: MNIST digits are light strokes on a dark "
+                    "background, so dark-on-light digits will score as anomalies.")
+    return images, names
+
+
+def load_trained_run(run_folder):
+    """Return (saved results, generator, discriminator) of an earlier run; raise SettingsError
+    when files are missing or the networks do not match the run's settings."""
+    import keras
+
+    needed = ["results.json", os.path.join("models", "generator.keras"),
+              os.path.join("models", "discriminator.keras")]
+    missing = [n for n in needed if not os.path.isfile(os.path.join(run_folder, n))]
+    if missing:
+        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r} lacks {missing}: expected a run "
+                            "folder that finished training")
+    with open(os.path.join(run_folder, "results.json"), encoding="utf-8") as file:
+        saved = json.load(file)
+    if "scores" not in saved or "settings" not in saved:
+        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: results.json has no scores or "
+                            "settings; expected one written by this script")
+    saved["settings"] = {k: tuple(v) if isinstance(v, list) else v
+                         for k, v in saved["settings"].items()}
+    s = saved["settings"]
+    generator = keras.models.load_model(os.path.join(run_folder, needed[1]))
+    discriminator = keras.models.load_model(os.path.join(run_folder, needed[2]))
+
+    def dense_widths(model):
+        return tuple(layer.units for layer in model.layers
+                     if isinstance(layer, keras.layers.Dense))
+
+    expected = {
+        "generator input": (generator.input_shape[-1], s["LATENT_DIM"]),
+        "generator layers": (dense_widths(generator), (*s["GENERATOR_WIDTHS"], IMAGE_PIXELS)),
+        "discriminator input": (discriminator.input_shape[-1], IMAGE_PIXELS),
+        "discriminator layers": (dense_widths(discriminator),
+                                 (*s["DISCRIMINATOR_WIDTHS"], 1)),
+    }
+    for what, (found, wanted) in expected.items():
+        if found != wanted:
+            raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: the {what} is {found} but "
+                                f"the run's settings say {wanted}; the models come from "
+                                "another configuration")
+    return saved, generator, discriminator
+
+
+def reference_thresholds(saved, generator, discriminator, settings):
+    """Return ({score: threshold}, {score: generated scores}, reference images, source).
+
+    Without FRESH_SAMPLE the loaded run's own sample is drawn again from its seed, and its
+    Monte Carlo thresholds must come out as saved: that proves the networks and settings
+    belong together. The loaded run's chosen thresholds then classify. With FRESH_SAMPLE, a
+    new sample of MC_SAMPLES images from SEED (the values given now) sets Monte Carlo
+    thresholds, which classify.
+    """
+    s = saved["settings"]
+    fresh = settings["FRESH_SAMPLE"]
+    count, seed = (settings["MC_SAMPLES"], settings["SEED"]) if fresh else (s["MC_SAMPLES"],
+                                                                          s["SEED"])
+    if count < s["NEIGHBOUR_SAMPLES"]:
+        raise SettingsError(f"MC_SAMPLES = {count} is smaller than the loaded run's "
+                            f"NEIGHBOUR_SAMPLES = {s['NEIGHBOUR_SAMPLES']}: a fresh sample "
+                            "must hold the neighbours, so expected at least that many.")
+    sample_settings = {**s, "MC_SAMPLES": count, "SEED": seed}
+    keep = s["NEIGHBOUR_SAMPLES"] if "nearest_generated" in s["SCORES"] else 0
+    mc_logits, reference = monte_carlo_sample(generator, discriminator, count,
+                                              s["MC_BATCH_SIZE"], s["LATENT_DIM"], seed,
+                                              keep_images=keep)
+    generated = {name: compute_scores(name, discriminator, mc_logits, reference, {},
+                                      sample_settings)["generated"] for name in s["SCORES"]}
+    mc_thresholds = {name: percentile_interval(values, s["PERCENTILE"], s["CONFIDENCE"])[0]
+                     for name, values in generated.items()}
+    if fresh:
+        return mc_thresholds, generated, reference, "monte_carlo"
+
+    for name, value in mc_thresholds.items():
+        recorded = saved["scores"][name]["thresholds"]["monte_carlo"]["value"]
+        if not np.isclose(value, recorded, rtol=1e-3, atol=1e-6):
+            raise SettingsError(
+                f"LOAD_RUN = {saved['run_dir']!r}: redrawing its Monte Carlo sample gives a "
+                f"{name} threshold of {value:.6g}, but results.json records {recorded:.6g}; "
+                "the models do not belong to these results (or FRESH_SAMPLE is needed on a "
+                "different machine)")
+    source = s["CLASSIFY_WITH"]
+    return ({name: saved["scores"][name]["thresholds"][source]["value"] for name in s["SCORES"]},
+            generated, reference, source)
+
+
+def scores_csv(path, names, image_scores, thresholds, head):
+    """Write one row per image: its name, each score, whether each flags it, and the verdict
+    of the headline score."""
+    columns = ["image"]
+    for name in image_scores:
+        columns += [f"{name}_score", f"{name}_flagged"]
+    columns.append("anomaly")
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(columns)
+        for i, image_name in enumerate(names):
+            row = [image_name]
+            for name, values in image_scores.items():
+                row += [f"{values[i]:.6g}", int(values[i] > thresholds[name])]
+            row.append(int(image_scores[head][i] > thresholds[head]))
+            writer.writerow(row)
+
+
+def score_with_run(settings):
+    """Score SCORE_IMAGES with the networks and thresholds of LOAD_RUN; return the results.
+
+    Writes scores.csv, top_anomalies.png and results.json into a new run folder.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import keras
+    import matplotlib.pyplot as plt
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    run_name = os.path.basename(os.path.normpath(settings["LOAD_RUN"]))
+    saved, generator, discriminator = load_trained_run(settings["LOAD_RUN"])
+    images, names = load_images_to_score(settings["SCORE_IMAGES"])
+    run_dir = make_run_dir(settings["OUTPUT_DIR"], f"scores_from_{run_name}")
+    log.info("Scoring %d images from %s with the run %s; writing to %s", len(images),
+             settings["SCORE_IMAGES"], settings["LOAD_RUN"], run_dir)
+    s = saved["settings"]
+
+    device = resolve_device(settings["DEVICE"])
+    with tf.device(device):
+        thresholds, generated, reference, source = reference_thresholds(
+            saved, generator, discriminator, settings)
+        image_scores = {name: compute_scores(name, discriminator, np.empty(0), reference,
+                                             {"images": images}, s)["images"]
+                        for name in s["SCORES"]}
+
+    head = s["SCORES"][0]
+    flagged = image_scores[head] > thresholds[head]
+    expected_rate = 1.0 - s["PERCENTILE"] / 100.0
+    scores_csv(os.path.join(run_dir, "scores.csv"), names, image_scores, thresholds, head)
+    top = np.argsort(-image_scores[head])[:32]
+    figure = plot_image_grid(images[top], [f"{names[i][:12]}: {image_scores[head][i]:.3g}"
+                                           for i in top],
+                             f"Most anomalous images by the {head} score (name: score)",
+                             os.path.join(run_dir, "top_anomalies.png"))
+    plt.close(figure)
+    results = {
+        "run_dir": run_dir, "loaded_run": settings["LOAD_RUN"],
+        "score_images": settings["SCORE_IMAGES"], "settings": settings,
+        "loaded_settings": s, "device_used": device,
+        "versions": library_versions(), "images": len(images),
+        "threshold_from": source, "thresholds": thresholds,
+        "monte_carlo_samples": {name: len(values) for name, values in generated.items()},
+        "headline_score": head, "flagged": int(flagged.sum()),
+        "flag_rate": float(flagged.mean()), "expected_rate_for_normal_images": expected_rate,
+        "flagged_by_score": {name: int((values > thresholds[name]).sum())
+                             for name, values in image_scores.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(results, os.path.join(run_dir, "results.json"))
+    label = SOURCE_LABELS[source] + (" (fresh sample)" if settings["FRESH_SAMPLE"] else "")
+    lines = ["", "=" * 100,
+             f"Scored {len(images):,} images from {settings['SCORE_IMAGES']} with the run "
+             f"{settings['LOAD_RUN']} (normal digits {list(s['NORMAL_DIGITS'])}).",
+             f"Thresholds: the {s['PERCENTILE']:g}th percentile, {label}."]
+    for name in s["SCORES"]:
+        lines.append(f"  {name:<18} threshold {thresholds[name]:.4g}: flags "
+                     f"{results['flagged_by_score'][name]:,} images")
+    lines += [f"The {head} score flags {int(flagged.sum()):,} of {len(images):,} images "
+              f"({flagged.mean():.1%}). Normal images would be flagged about "
+              f"{expected_rate:.0%} of the time, so a rate far above that means many of these "
+              "images are unlike the digits the GAN learned.",
+              f"One row per image in {os.path.join(run_dir, 'scores.csv')}.", "=" * 100]
+    print("\n".join(lines), flush=True)
+    keras.backend.clear_session()
+    return results
+
+
 def main(argv=None):
     """Run from the command line; return the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -1285,7 +1539,12 @@ def main(argv=None):
     settings = parse_args(argv)
     try:
         check_settings(settings)
-        run(settings)
+        if settings["LOAD_RUN"] is None:
+            results = run(settings)
+            if settings["SCORE_IMAGES"] is not None:
+                score_with_run({**settings, "LOAD_RUN": results["run_dir"]})
+        else:
+            score_with_run(settings)
     except (SettingsError, DataError) as error:
         log.error("%s", error)
         return 2

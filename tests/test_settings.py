@@ -57,6 +57,10 @@ BAD_SETTINGS = [
                                  "in \\[0, 0.5\\)"),
     ("CLASSIFY_WITH", "test", "CLASSIFY_WITH = 'test' is not valid: expected one of "
                               "\\('validation', 'monte_carlo'\\)"),
+    ("LOAD_RUN", "/no/such/run", "LOAD_RUN = '/no/such/run': no such folder"),
+    ("SCORE_IMAGES", "/no/such/images.npy", "SCORE_IMAGES = '/no/such/images.npy': no such "
+                                            "file or folder"),
+    ("FRESH_SAMPLE", 1, "FRESH_SAMPLE = 1 is not valid: expected True or False"),
     ("OUTPUT_DIR", "", "OUTPUT_DIR = '' is not valid: expected a folder path"),
     ("SHOW_PLOTS", "yes", "SHOW_PLOTS = 'yes' is not valid: expected True or False"),
 ]

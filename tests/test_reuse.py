@@ -1,0 +1,231 @@
+"""Reusing a trained run: score hand-made and real images without retraining."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import gma, run_tiny
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_npz):
+    """Return the results of a small run trained long enough to draw dark-background digits:
+    after TINY_FLAGS' two epochs the generator still paints every pixel grey, and uniform
+    noise lies closer to grey than real digits do."""
+    return run_tiny(["--data-path", mnist_npz, "--output-dir",
+                     str(tmp_path_factory.mktemp("trained")), "--epochs", "40",
+                     "--batch-size", "32", "--learning-rate", "0.001",
+                     "--generator-widths", "64", "--discriminator-widths", "64"])
+
+
+@pytest.fixture(scope="module")
+def hand_made_images(digits):
+    """Return (images uint8, names): blanks, uniform noise and real test digits 0 and 1."""
+    _, _, x_test, y_test = digits
+    rng = np.random.default_rng(0)
+    zeros_and_ones = np.concatenate([x_test[y_test == 0][:10], x_test[y_test == 1][:10]])
+    noise = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    blank = np.zeros((2, 28, 28), np.uint8)
+    names = ([f"real_{i}" for i in range(20)] + [f"noise_{i}" for i in range(5)]
+             + ["blank_0", "blank_1"])
+    return np.concatenate([zeros_and_ones, noise, blank]), names
+
+
+def read_csv(run_dir):
+    with open(os.path.join(run_dir, "scores.csv"), newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def score(flags):
+    """Run main() with flags; return (exit code, the newest scoring run's results)."""
+    code = gma.main(flags)
+    if code != 0:
+        return code, None
+    output_dir = flags[flags.index("--output-dir") + 1]
+    runs = [os.path.join(output_dir, r) for r in os.listdir(output_dir) if "scores_from" in r]
+    with open(os.path.join(max(runs, key=os.path.getmtime), "results.json")) as file:
+        return code, json.load(file)
+
+
+def test_scoring_an_npy_writes_one_row_per_image_that_agrees_with_the_thresholds(
+        trained_run, hand_made_images, tmp_path):
+    images, names = hand_made_images
+    path = tmp_path / "images.npy"
+    np.save(path, images)
+    code, results = score(["--load-run", trained_run["run_dir"], "--score-images", str(path),
+                           "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    rows = read_csv(results["run_dir"])
+    assert [row["image"] for row in rows] == [str(i) for i in range(len(images))]
+    # Without FRESH_SAMPLE the loaded run's own thresholds classify.
+    for name, threshold in results["thresholds"].items():
+        assert threshold == trained_run["scores"][name]["thresholds"]["validation"]["value"]
+        for row in rows:
+            assert int(row[f"{name}_flagged"]) == (float(row[f"{name}_score"]) > threshold)
+    assert sum(int(row["anomaly"]) for row in rows) == results["flagged"]
+    assert results["flagged"] == results["flagged_by_score"]["nearest_generated"]
+    # Uniform noise lies farther from every generated digit than any real digit does.
+    distances = np.array([float(row["nearest_generated_score"]) for row in rows])
+    assert distances[20:25].min() > distances[:20].max()
+    assert all(row["anomaly"] == "1" for row in rows[20:25])
+    assert os.path.isfile(os.path.join(results["run_dir"], "top_anomalies.png"))
+
+
+def test_png_folder_keeps_file_names_and_resizes_with_a_warning(
+        tiny_run, hand_made_images, tmp_path, caplog):
+    images, names = hand_made_images
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for image, name in zip(images, names):
+        Image.fromarray(image).save(folder / f"{name}.png")
+    Image.fromarray(np.kron(images[0], np.ones((2, 2), np.uint8))).save(folder / "big.png")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="gan_mc_anomaly"):
+        code, results = score(["--load-run", tiny_run["run_dir"], "--score-images",
+                               str(folder), "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert "Resized 1 of 28 images to 28x28: big.png (56x56)" in caplog.text
+    rows = {row["image"]: row for row in read_csv(results["run_dir"])}
+    assert set(rows) == {f"{name}.png" for name in names} | {"big.png"}
+    # The same image saved as PNG gets the same score as from the array.
+    npy = tmp_path / "one.npy"
+    np.save(npy, images[:1])
+    _, from_array = score(["--load-run", tiny_run["run_dir"], "--score-images", str(npy),
+                           "--output-dir", str(tmp_path / "out2")])
+    array_rows = read_csv(from_array["run_dir"])
+    assert float(array_rows[0]["nearest_generated_score"]) == pytest.approx(
+        float(rows["real_0.png"]["nearest_generated_score"]), rel=1e-5)
+
+
+def test_fresh_sample_sets_new_monte_carlo_thresholds(tiny_run, hand_made_images, tmp_path):
+    path = tmp_path / "images.npz"
+    np.savez(path, images=hand_made_images[0] / 255.0)  # floats 0-1 are accepted too
+    code, results = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
+                           "--fresh-sample", "--seed", "99", "--mc-samples", "2000",
+                           "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert results["threshold_from"] == "monte_carlo"
+    assert results["monte_carlo_samples"] == {"nearest_generated": 1000, "discriminator": 2000}
+    saved = tiny_run["scores"]["discriminator"]["thresholds"]["monte_carlo"]
+    fresh = results["thresholds"]["discriminator"]
+    assert fresh != saved["value"]
+    assert 0.0 <= fresh <= 1.0
+
+
+def test_training_run_with_score_images_scores_them_after_training(
+        mnist_npz, hand_made_images, tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, hand_made_images[0])
+    output_dir = tmp_path / "out"
+    code = gma.main(["--data-path", mnist_npz, "--output-dir", str(output_dir),
+                     "--score-images", str(path), "--normal-digits", "0", "--epochs", "1",
+                     "--latent-dim", "8", "--generator-widths", "16",
+                     "--discriminator-widths", "16", "--mc-samples", "1000",
+                     "--neighbour-samples", "500", "--mc-batch-size", "500"])
+    assert code == 0
+    folders = sorted(os.listdir(output_dir))
+    assert len(folders) == 2 and any("scores_from_" in f for f in folders)
+
+
+# Each bad input fails with its own message.
+
+
+def test_missing_run_folder(tmp_path):
+    with pytest.raises(gma.SettingsError, match="LOAD_RUN = .*absent.*: no such folder"):
+        gma.check_settings({**gma.default_settings(), "LOAD_RUN": str(tmp_path / "absent"),
+                            "SCORE_IMAGES": str(tmp_path)})
+
+
+def test_run_folder_without_images_to_score(tiny_run):
+    with pytest.raises(gma.SettingsError, match="SCORE_IMAGES is None: expected the images"):
+        gma.check_settings({**gma.default_settings(), "LOAD_RUN": tiny_run["run_dir"]})
+
+
+def test_missing_images(tmp_path):
+    with pytest.raises(gma.SettingsError, match="SCORE_IMAGES = .*: no such file or folder"):
+        gma.check_settings({**gma.default_settings(),
+                            "SCORE_IMAGES": str(tmp_path / "absent.npy")})
+
+
+def test_images_of_an_unknown_file_type(tmp_path):
+    path = tmp_path / "images.csv"
+    path.write_text("1,2,3")
+    with pytest.raises(gma.SettingsError, match="is neither .npz nor .npy"):
+        gma.check_settings({**gma.default_settings(), "SCORE_IMAGES": str(path)})
+
+
+def test_run_folder_missing_files(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    os.remove(copy / "models" / "generator.keras")
+    with pytest.raises(gma.SettingsError, match=r"lacks \['models/generator.keras'\]"):
+        gma.load_trained_run(str(copy))
+
+
+def test_models_from_another_configuration(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    gma.build_generator(8, (48,)).save(copy / "models" / "generator.keras")
+    with pytest.raises(gma.SettingsError, match=r"the generator layers is \(48, 784\) but the "
+                                                r"run's settings say \(32, 784\)"):
+        gma.load_trained_run(str(copy))
+
+
+def test_fresh_sample_must_hold_the_loaded_runs_neighbours(tiny_run, tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 28, 28), np.uint8))
+    settings = {**gma.default_settings(), "LOAD_RUN": tiny_run["run_dir"],
+                "SCORE_IMAGES": str(path), "FRESH_SAMPLE": True, "MC_SAMPLES": 1000,
+                "NEIGHBOUR_SAMPLES": 50_000, "OUTPUT_DIR": str(tmp_path / "out")}
+    gma.check_settings(settings)  # a loaded run brings its own NEIGHBOUR_SAMPLES (1,000)
+    with pytest.raises(gma.SettingsError, match="MC_SAMPLES = 500 is smaller than the loaded "
+                                                "run's NEIGHBOUR_SAMPLES = 1000"):
+        gma.score_with_run({**settings, "MC_SAMPLES": 500})
+
+
+def test_models_of_the_right_shape_but_another_run(tiny_run, tmp_path, hand_made_images):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    gma.build_discriminator((32,)).save(copy / "models" / "discriminator.keras")  # untrained
+    path = tmp_path / "images.npy"
+    np.save(path, hand_made_images[0])
+    settings = {**gma.default_settings(), "LOAD_RUN": str(copy), "SCORE_IMAGES": str(path),
+                "OUTPUT_DIR": str(tmp_path / "out")}
+    with pytest.raises(gma.SettingsError, match="the models do not belong to these results"):
+        gma.score_with_run(settings)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((3, 32, 32), np.uint8), r"has shape \(3, 32, 32\): expected \(n, 28, 28\)"),
+    (np.full((3, 28, 28), 255.0), "holds floats from 255 to 255: expected 0-1"),
+    (np.full((3, 28, 28), -4, np.int16), "holds integers from -4 to -4: expected 0-255"),
+])
+def test_bad_image_arrays(tmp_path, array, message):
+    path = tmp_path / "images.npy"
+    np.save(path, array)
+    with pytest.raises(gma.DataError, match=message):
+        gma.load_images_to_score(str(path))
+
+
+def test_npz_with_several_unnamed_arrays(tmp_path):
+    path = tmp_path / "images.npz"
+    np.savez(path, a=np.zeros((2, 28, 28)), b=np.zeros((2, 28, 28)))
+    with pytest.raises(gma.DataError, match=r"holds \['a', 'b'\]: expected one array"):
+        gma.load_images_to_score(str(path))
+
+
+def test_empty_png_folder(tmp_path):
+    (tmp_path / "readme.txt").write_text("no pictures here")
+    with pytest.raises(gma.DataError, match="holds no .png files"):
+        gma.load_images_to_score(str(tmp_path))
+
+
+def test_unreadable_png(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not really a png")
+    with pytest.raises(gma.DataError, match="broken.png in .* is not a readable PNG"):
+        gma.load_images_to_score(str(tmp_path))
