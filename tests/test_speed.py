@@ -1,0 +1,40 @@
+"""The speed benchmark's arithmetic: FLOP counts checked by hand on small networks."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import speed  # noqa: E402
+
+
+def test_training_step_flops_by_hand():
+    settings = {"LATENT_DIM": 2, "GENERATOR_WIDTHS": (3,), "DISCRIMINATOR_WIDTHS": (5,)}
+    # With 784 pixels: G layers 2x3 and 3x784, D layers 784x5 and 5x1; batch 1, 2 FLOP/weight.
+    g1, g2, d1, d2 = 2 * 2 * 3, 2 * 3 * 784, 2 * 784 * 5, 2 * 5 * 1
+    f_g, f_d = g1 + g2, d1 + d2
+    d_update = f_g + 2 * (3 * f_d - d1)  # G forward; D forward + both gradients, twice
+    g_update = 3 * f_g - g1 + 2 * f_d  # G, D forward; D input gradients; G gradients
+    assert speed.training_step_flops(settings, batch=1) == d_update + g_update
+    assert speed.training_step_flops(settings, batch=128) == 128 * (d_update + g_update)
+
+
+def test_default_step_is_about_one_and_a_half_gflop():
+    import gan_mc_anomaly as gma
+
+    flops = speed.training_step_flops(gma.default_settings(), batch=128)
+    assert flops == pytest.approx(1.54e9, rel=0.01)
+
+
+def test_scoring_flops_per_image_is_one_forward_pass_of_each_network():
+    settings = {"LATENT_DIM": 2, "GENERATOR_WIDTHS": (3,), "DISCRIMINATOR_WIDTHS": (5,)}
+    assert speed.scoring_flops_per_image(settings) == 2 * (2 * 3 + 3 * 784 + 784 * 5 + 5)
+
+
+def test_timed_rate_counts_units_per_second():
+    import time
+
+    # Each call takes at least 10 ms and counts 7 units: at most 700 units a second.
+    rate = speed.timed_rate(lambda: time.sleep(0.01), units_per_run=7, seconds=0.3)
+    assert 300 < rate <= 700
