@@ -43,7 +43,7 @@ GENERATOR_WIDTHS = (128, 256, 512)  # hidden layer widths of the generator, inte
 DISCRIMINATOR_WIDTHS = (512, 256, 128)  # hidden layer widths of the discriminator, >= 1
 
 # Training
-EPOCHS = 60  # full passes over the normal training images, integer >= 1
+EPOCHS = 200  # full passes over the normal training images, integer >= 1
 BATCH_SIZE = 128  # images per training step, integer >= 1 and <= the training images
 LEARNING_RATE = 2e-4  # Adam learning rate of both networks, float in (0, 1)
 ADAM_BETA_1 = 0.5  # Adam beta_1 (momentum) of both networks, float in [0, 1)
@@ -169,10 +169,12 @@ def _bad(name, value, accepted):
     return SettingsError(f"{name} = {value!r} is not valid: expected {accepted}.")
 
 
-def _check_int(settings, name, minimum):
+def _check_int(settings, name, minimum, maximum=None):
     value = settings[name]
-    if not _is_int(value) or value < minimum:
-        raise _bad(name, value, f"an integer >= {minimum}")
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        accepted = f"an integer >= {minimum}" if maximum is None else (
+            f"an integer from {minimum} to {maximum}")
+        raise _bad(name, value, accepted)
 
 
 def _check_widths(settings, name):
@@ -182,10 +184,11 @@ def _check_widths(settings, name):
         raise _bad(name, value, "a non-empty tuple of integers >= 1, like (128, 256, 512)")
 
 
-def _check_open_interval(settings, name, low, high, closed_low=False):
+def _check_interval(settings, name, low, high, closed_low=False):
     value = settings[name]
-    low_ok = value >= low if closed_low else value > low
-    if not _is_number(value) or not np.isfinite(value) or not low_ok or not value < high:
+    in_range = _is_number(value) and np.isfinite(value) and (
+        value >= low if closed_low else value > low) and value < high
+    if not in_range:
         bracket = "[" if closed_low else "("
         raise _bad(name, value, f"a number in {bracket}{low}, {high})")
 
@@ -204,7 +207,8 @@ def check_settings(settings):
         if not isinstance(data_path, (str, os.PathLike)) or not str(data_path):
             raise _bad("DATA_PATH", data_path, "None or the path of a Keras-format .npz file")
         if not os.path.isfile(data_path):
-            raise SettingsError(f"DATA_PATH = {str(data_path)!r}: no such file. Expected None "
+            problem = "is a folder" if os.path.isdir(data_path) else "no such file"
+            raise SettingsError(f"DATA_PATH = {str(data_path)!r}: {problem}. Expected None "
                                 "(Keras's MNIST loader) or the path of a Keras-format .npz.")
 
     digits = settings["NORMAL_DIGITS"]
@@ -218,9 +222,9 @@ def check_settings(settings):
     _check_widths(settings, "DISCRIMINATOR_WIDTHS")
     _check_int(settings, "EPOCHS", 1)
     _check_int(settings, "BATCH_SIZE", 1)
-    _check_open_interval(settings, "LEARNING_RATE", 0, 1)
-    _check_open_interval(settings, "ADAM_BETA_1", 0, 1, closed_low=True)
-    _check_int(settings, "SEED", 0)
+    _check_interval(settings, "LEARNING_RATE", 0, 1)
+    _check_interval(settings, "ADAM_BETA_1", 0, 1, closed_low=True)
+    _check_int(settings, "SEED", 0, 2 ** 32 - 1)  # TensorFlow's seeds are 32-bit
 
     device = settings["DEVICE"]
     if not isinstance(device, str) or not re.fullmatch(r"/(gpu|cpu):\d+", device.lower()):
@@ -228,8 +232,8 @@ def check_settings(settings):
 
     _check_int(settings, "MC_SAMPLES", 1000)
     _check_int(settings, "MC_BATCH_SIZE", 1)
-    _check_open_interval(settings, "PERCENTILE", 0, 100)
-    _check_open_interval(settings, "CONFIDENCE", 0, 1)
+    _check_interval(settings, "PERCENTILE", 0, 100)
+    _check_interval(settings, "CONFIDENCE", 0, 1)
 
     scores = settings["SCORES"]
     if (not isinstance(scores, (tuple, list)) or not scores
@@ -244,7 +248,7 @@ def check_settings(settings):
                             f"than MC_SAMPLES = {settings['MC_SAMPLES']}: the neighbours are "
                             "taken from the Monte Carlo sample, so expected at most "
                             "MC_SAMPLES.")
-    _check_open_interval(settings, "VALIDATION_FRACTION", 0, 0.5, closed_low=True)
+    _check_interval(settings, "VALIDATION_FRACTION", 0, 0.5, closed_low=True)
     if settings["CLASSIFY_WITH"] not in THRESHOLD_SOURCES:
         raise _bad("CLASSIFY_WITH", settings["CLASSIFY_WITH"], f"one of {THRESHOLD_SOURCES}")
     if settings["CLASSIFY_WITH"] == "validation" and settings["VALIDATION_FRACTION"] == 0:
@@ -353,7 +357,10 @@ def load_npz(path):
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise DataError(f"DATA_PATH = {str(path)!r} is not a readable .npz file ({error})")
+        # NumPy takes any file it cannot parse for a pickle; its advice to allow pickles
+        # would be wrong here, so only other reasons are passed on.
+        reason = "" if "pickle" in str(error) else f" ({error})"
+        raise DataError(f"DATA_PATH = {str(path)!r} is not a readable .npz file{reason}")
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"DATA_PATH = {str(path)!r} holds a single array, not an .npz "
                         "archive with x_train, y_train, x_test and y_test")
@@ -367,10 +374,11 @@ def load_npz(path):
             arrays = {key: archive[key] for key in keys}
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise DataError(f"DATA_PATH = {str(path)!r}: an array cannot be read ({error})")
-    x_train = check_images(arrays["x_train"], "x_train")
-    x_test = check_images(arrays["x_test"], "x_test")
-    y_train = check_labels(arrays["y_train"], len(x_train), "y_train")
-    y_test = check_labels(arrays["y_test"], len(x_test), "y_test")
+    where = f"DATA_PATH = {str(path)!r}:"
+    x_train = check_images(arrays["x_train"], f"{where} x_train")
+    x_test = check_images(arrays["x_test"], f"{where} x_test")
+    y_train = check_labels(arrays["y_train"], len(x_train), f"{where} y_train")
+    y_test = check_labels(arrays["y_test"], len(x_test), f"{where} y_test")
     return x_train, y_train, x_test, y_test
 
 
@@ -531,7 +539,10 @@ def resolve_device(requested):
 
     kind, index = requested.lower().lstrip("/").split(":")
     if kind == "cpu":
-        return requested
+        if int(index) < len(tf.config.list_logical_devices("CPU")):
+            return requested
+        log.info("No CPU device %s: running on /cpu:0.", requested)
+        return "/cpu:0"
     gpus = tf.config.list_physical_devices("GPU")
     if int(index) < len(gpus):
         return requested
@@ -693,6 +704,8 @@ def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, 
     """
     import tensorflow as tf
 
+    batch_size = min(batch_size, count)  # a batch larger than the sample would be wasted
+
     @tf.function
     def generate_and_score(batch_seed):
         noise = tf.random.stateless_normal((batch_size, latent_dim), seed=batch_seed)
@@ -810,7 +823,8 @@ def percentile_interval(scores, percentile, confidence):
     The interval is distribution-free, built from order statistics: the number of samples
     below the true percentile is Binomial(n, percentile / 100), so the sorted samples at
     that binomial's (1 - confidence) / 2 and (1 + confidence) / 2 quantiles bracket it with
-    at least the stated confidence.
+    at least the stated confidence. A bound that would need a sample beyond the smallest or
+    the largest is None: too few samples to bound the percentile on that side.
     """
     from scipy.stats import binom
 
@@ -820,19 +834,21 @@ def percentile_interval(scores, percentile, confidence):
     estimate = float(np.percentile(ordered, percentile))
     low_rank = int(binom.ppf((1.0 - confidence) / 2.0, n, fraction))
     high_rank = int(binom.ppf((1.0 + confidence) / 2.0, n, fraction)) + 1
-    low = ordered[min(max(low_rank, 1), n) - 1]
-    high = ordered[min(max(high_rank, 1), n) - 1]
-    return estimate, float(low), float(high)
+    low = float(ordered[low_rank - 1]) if low_rank >= 1 else None
+    high = float(ordered[high_rank - 1]) if high_rank <= n else None
+    return estimate, low, high
 
 
 def threshold_convergence(scores, percentile, confidence, points=12):
     """Return rows (n, estimate, low, high) for growing prefixes of the Monte Carlo sample.
 
-    The sizes grow geometrically from 1,000 (or fewer) to the whole sample, so a plot of
-    them shows how the threshold settles as more generated images are drawn.
+    The sizes grow geometrically from 1,000 (a tenth of the sample when that is smaller) to
+    the whole sample, so a plot of them shows how the threshold settles as more scored
+    generated images are used.
     """
     n_total = len(scores)
-    sizes = np.unique(np.geomspace(min(1000, n_total), n_total, points).astype(int))
+    first = min(1000, max(n_total // 10, 1))
+    sizes = np.unique(np.geomspace(first, n_total, points).astype(int))
     return [(int(n), *percentile_interval(scores[:n], percentile, confidence)) for n in sizes]
 
 
@@ -844,10 +860,17 @@ def thresholds(score_sets, percentile, confidence):
     training never saw; it is missing when no images were held out.
     """
     sources = {"monte_carlo": score_sets["generated"], "validation": score_sets["validation"]}
-    return {source: dict(zip(("value", "low", "high"),
-                             percentile_interval(values, percentile, confidence)),
-                         images=len(values))
-            for source, values in sources.items() if len(values)}
+    found = {}
+    for source, values in sources.items():
+        if len(values) == 0:
+            continue
+        value, low, high = percentile_interval(values, percentile, confidence)
+        if low is None or high is None:
+            log.warning("Only %d %s images for the %gth percentile: too few to bound it with "
+                        "%g%% confidence, so the threshold is poorly determined.", len(values),
+                        SOURCE_LABELS[source], percentile, 100 * confidence)
+        found[source] = {"value": value, "low": low, "high": high, "images": len(values)}
+    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -939,6 +962,11 @@ def describe_image(index, test_scores, test_labels, normal_digits, threshold):
             f"{verdict}")
 
 
+def format_bound(bound, unbounded):
+    """Return an interval bound for printing; None means the sample cannot bound that side."""
+    return unbounded if bound is None else f"{bound:.4g}"
+
+
 def score_table(results):
     """Return the summary's table: one row per score and threshold source."""
     header = (f"  {'score':<18} {'threshold from':<25} {'threshold [interval]':<28} "
@@ -951,8 +979,8 @@ def score_table(results):
                      for key in ("flag_rate", "detection_rate", "false_alarm_rate")]
             auroc = f"{score['auroc']:.3f}" if "auroc" in score else "-"
             origin = f"{SOURCE_LABELS[source]} ({threshold['images']:,})"
-            interval = (f"{threshold['value']:.4g} [{threshold['low']:.4g}, "
-                        f"{threshold['high']:.4g}]")
+            interval = (f"{threshold['value']:.4g} [{format_bound(threshold['low'], '-inf')}, "
+                        f"{format_bound(threshold['high'], 'inf')}]")
             lines.append(f"  {name:<18} {origin:<25} {interval:<28} {cells[0]:>7} "
                          f"{cells[1]:>7} {cells[2]:>7} {auroc:>6}")
     return lines
@@ -979,7 +1007,7 @@ def summary_text(results):
                      f"max {generated['max']:.4g}")
     lines += [
         "",
-        f"Thresholds at the {s['PERCENTILE']:g}th percentile ({s['CONFIDENCE']:.0%} "
+        f"Thresholds at the {s['PERCENTILE']:g}th percentile ({100 * s['CONFIDENCE']:g}% "
         f"intervals) and the {test['test_images']:,} test images, "
         f"{test['labelled_anomalies']:,} of them anomalous digits:",
         *score_table(results),
@@ -995,9 +1023,6 @@ def summary_text(results):
         lines.append(f"  precision {test['precision']:.3f}  F1 {test['f1']:.3f}  "
                      f"TP {c['true_positives']}  FP {c['false_positives']}  "
                      f"TN {c['true_negatives']}  FN {c['false_negatives']}")
-        observed, what = test["false_alarm_rate"], "false alarm rate on normal test images"
-    else:
-        observed, what = test["flag_rate"], "flag rate (all test digits are normal)"
     reference = ("held-out real images of the normal digits"
                  if head["threshold_from"] == "validation" else "the generator's own images")
     lines += [
@@ -1005,9 +1030,18 @@ def summary_text(results):
         "What it means:",
         f"  A {head['score']} score above {head['threshold']:.4g} puts an image past "
         f"{s['PERCENTILE']:g}% of {reference}.",
-        f"  So about {expected_rate:.0%} of normal test images should be flagged; the {what} "
-        f"is {observed:.1%}, {100 * (observed - expected_rate):+.1f} points from that.",
     ]
+    if test["labelled_anomalies"] == test["test_images"]:
+        lines.append(f"  Every test image is an anomalous digit, so the flag rate "
+                     f"({test['flag_rate']:.1%}) is the detection rate; no normal test image "
+                     "measures false alarms.")
+    else:
+        observed, what = ((test["false_alarm_rate"], "false alarm rate on normal test images")
+                          if "false_alarm_rate" in test
+                          else (test["flag_rate"], "flag rate (all test digits are normal)"))
+        lines.append(f"  So about {expected_rate:.0%} of normal test images should be flagged; "
+                     f"the {what} is {observed:.1%}, {100 * (observed - expected_rate):+.1f} "
+                     "points from that.")
     if "auroc" in head:
         lines.append(f"  AUROC {head['auroc']:.3f}: a random anomalous test image outscores a "
                      f"random normal one {head['auroc']:.0%} of the time (0.5 is chance).")
@@ -1049,7 +1083,7 @@ def plot_image_grid(images, titles, suptitle, path, columns=8):
 
 
 def plot_score_histograms(all_scores, results, is_anomaly, path):
-    """One panel per score: generated, held-out and test scores, and both thresholds."""
+    """One panel per score: generated and test scores, and the thresholds."""
     import matplotlib.pyplot as plt
 
     names = list(all_scores)
@@ -1086,12 +1120,13 @@ def plot_convergence(results, percentile, path):
     for axis, name in zip(axes[0], names):
         rows = results["scores"][name]["generated"]["convergence"]
         sizes = [row["samples"] for row in rows]
-        axis.fill_between(sizes, [row["low"] for row in rows], [row["high"] for row in rows],
-                          alpha=0.3, label="confidence interval")
+        unbounded_as_nan = [[np.nan if row[side] is None else row[side] for row in rows]
+                            for side in ("low", "high")]
+        axis.fill_between(sizes, *unbounded_as_nan, alpha=0.3, label="confidence interval")
         axis.plot(sizes, [row["threshold"] for row in rows], marker="o",
                   label=f"{percentile:g}th percentile")
         axis.set_xscale("log")
-        axis.set_xlabel("Monte Carlo samples used")
+        axis.set_xlabel("scored Monte Carlo samples used")
         axis.set_ylabel("threshold")
         axis.set_title(f"{name}: threshold as samples accumulate", fontsize=10)
         axis.legend(fontsize=8)
@@ -1198,11 +1233,24 @@ def split_validation(normal_train, fraction, seed):
     return normal_train[order[n_validation:]], normal_train[order[:n_validation]]
 
 
+def example_indices(test_scores, test_labels, normal_digits):
+    """Return (anomaly, normal): the highest-scoring anomalous digit and the lowest-scoring
+    normal digit of the test set; where one class is missing, the overall extreme."""
+    is_normal = np.isin(test_labels, normal_digits)
+    anomalous = np.flatnonzero(~is_normal) if (~is_normal).any() else np.arange(len(is_normal))
+    normal = np.flatnonzero(is_normal) if is_normal.any() else np.arange(len(is_normal))
+    return (int(anomalous[np.argmax(test_scores[anomalous])]),
+            int(normal[np.argmin(test_scores[normal])]))
+
+
 def prepare_data(settings):
     """Return the data of a run: normal training and validation images, test images and
     labels, and where they came from; raise SettingsError if they do not fit the settings."""
     x_train, y_train, x_test, y_test, source = load_data(settings["DATA_PATH"])
     normal_digits = list(settings["NORMAL_DIGITS"])
+    if not np.isin(y_train, normal_digits).any():
+        raise DataError(f"The training images from {source} hold no digit of NORMAL_DIGITS = "
+                        f"{tuple(normal_digits)}; they hold {sorted(set(y_train.tolist()))}.")
     normal_train, validation = split_validation(x_train[np.isin(y_train, normal_digits)],
                                                 settings["VALIDATION_FRACTION"],
                                                 settings["SEED"])
@@ -1225,7 +1273,23 @@ def prepare_data(settings):
 
 
 def run(settings):
-    """Run the pipeline with checked settings; return the results dict (also saved)."""
+    """Run the pipeline with checked settings; return the results dict (also saved).
+
+    Ctrl-C after training raises TrainingInterrupted, which names the saved models.
+    """
+    progress = {}
+    try:
+        return run_pipeline(settings, progress)
+    except KeyboardInterrupt:
+        if "models_dir" in progress:
+            raise TrainingInterrupted("Interrupted after training; the trained models are "
+                                      f"saved in {progress['models_dir']}.") from None
+        raise
+
+
+def run_pipeline(settings, progress):
+    """Load, train, sample, score, evaluate and report; record the saved models' folder in
+    progress["models_dir"] as soon as they are on disk."""
     import matplotlib
 
     show_plots = settings["SHOW_PLOTS"] and display_available()
@@ -1260,7 +1324,8 @@ def run(settings):
         generator, discriminator, epoch_rows = train_gan(
             to_model_input(data["normal_train"]), settings, run_dir)
         timings["training_s"] = time.perf_counter() - phase
-        save_models(generator, discriminator, os.path.join(run_dir, "models"))
+        progress["models_dir"] = save_models(generator, discriminator,
+                                             os.path.join(run_dir, "models"))
 
         phase = time.perf_counter()
         keep = settings["NEIGHBOUR_SAMPLES"] if "nearest_generated" in settings["SCORES"] else 0
@@ -1288,8 +1353,7 @@ def run(settings):
     head_source = settings["CLASSIFY_WITH"]
     head_scores = all_scores[head_name]["test"]
     head_threshold = scores[head_name]["thresholds"][head_source]["value"]
-    # The examples shown are the extremes: the most and the least anomalous test image.
-    anomaly_index, normal_index = int(np.argmax(head_scores)), int(np.argmin(head_scores))
+    anomaly_index, normal_index = example_indices(head_scores, y_test, normal_digits)
     timings["total_s"] = time.perf_counter() - started
 
     results = {
@@ -1352,8 +1416,8 @@ def load_images_to_score(path):
                 raise DataError(f"SCORE_IMAGES = {str(path)!r} holds {loaded.files}: expected "
                                 "one array, or one named 'images', 'x_test' or 'x'")
             loaded = loaded[keys[0]]
-    if loaded.ndim == 2:
-        loaded = loaded[None]  # a single 28x28 image
+    if loaded.shape == IMAGE_SHAPE:
+        loaded = loaded[None]  # a single image
     images = check_images(loaded, f"SCORE_IMAGES = {str(path)!r}")
     return images, [str(i) for i in range(len(images))]
 
@@ -1380,9 +1444,11 @@ def load_png_folder(folder):
         log.warning("Resized %d of %d images to 28x28: %s%s", len(resized), len(names),
                     ", ".join(resized[:5]), " ..." if len(resized) > 5 else "")
     images = np.stack(images).astype(np.float32) / 255.0
-    if images.mean() > 0.5:
-        log.warning("The PNG images are mostly light: MNIST digits are light strokes on a dark "
-                    "background, so dark-on-light digits will score as anomalies.")
+    light = [name for name, image in zip(names, images) if image.mean() > 0.5]
+    if light:
+        log.warning("%d image(s) are mostly light (%s%s): MNIST digits are light strokes on a "
+                    "dark background, so dark-on-light digits will score as anomalies.",
+                    len(light), ", ".join(light[:5]), " ..." if len(light) > 5 else "")
     return images, names
 
 
@@ -1397,16 +1463,26 @@ def load_trained_run(run_folder):
     if missing:
         raise SettingsError(f"LOAD_RUN = {str(run_folder)!r} lacks {missing}: expected a run "
                             "folder that finished training")
-    with open(os.path.join(run_folder, "results.json"), encoding="utf-8") as file:
-        saved = json.load(file)
-    if "scores" not in saved or "settings" not in saved:
+    try:
+        with open(os.path.join(run_folder, "results.json"), encoding="utf-8") as file:
+            saved = json.load(file)
+    except (ValueError, OSError) as error:
+        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: results.json cannot be read "
+                            f"({error}); expected one written by this script")
+    if not isinstance(saved, dict) or "scores" not in saved or "settings" not in saved:
         raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: results.json has no scores or "
                             "settings; expected one written by this script")
     saved["settings"] = {k: tuple(v) if isinstance(v, list) else v
                          for k, v in saved["settings"].items()}
     s = saved["settings"]
-    generator = keras.models.load_model(os.path.join(run_folder, needed[1]))
-    discriminator = keras.models.load_model(os.path.join(run_folder, needed[2]))
+    models = []
+    for path in needed[1:]:
+        try:
+            models.append(keras.models.load_model(os.path.join(run_folder, path)))
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
+            raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: {path} cannot be loaded "
+                                f"as a Keras model ({type(error).__name__}: {error})")
+    generator, discriminator = models
 
     def dense_widths(model):
         return tuple(layer.units for layer in model.layers
@@ -1460,13 +1536,26 @@ def reference_thresholds(saved, generator, discriminator, settings):
         recorded = saved["scores"][name]["thresholds"]["monte_carlo"]["value"]
         if not np.isclose(value, recorded, rtol=1e-3, atol=1e-6):
             raise SettingsError(
-                f"LOAD_RUN = {saved['run_dir']!r}: redrawing its Monte Carlo sample gives a "
+                f"LOAD_RUN = {settings['LOAD_RUN']!r}: redrawing its Monte Carlo sample gives a "
                 f"{name} threshold of {value:.6g}, but results.json records {recorded:.6g}; "
                 "the models do not belong to these results (or FRESH_SAMPLE is needed on a "
                 "different machine)")
     source = s["CLASSIFY_WITH"]
     return ({name: saved["scores"][name]["thresholds"][source]["value"] for name in s["SCORES"]},
             generated, reference, source)
+
+
+REUSE_SETTINGS = ("LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR", "SHOW_PLOTS",
+                  "DEVICE")
+FRESH_SAMPLE_SETTINGS = ("MC_SAMPLES", "SEED")
+
+
+def ignored_when_reusing(settings):
+    """Return the settings given away from their defaults that a reused run overrides."""
+    applies = REUSE_SETTINGS + (FRESH_SAMPLE_SETTINGS if settings["FRESH_SAMPLE"] else ())
+    defaults = default_settings()
+    return [name for name in SETTING_NAMES
+            if name not in applies and settings[name] != defaults[name]]
 
 
 def scores_csv(path, names, image_scores, thresholds, head):
@@ -1503,10 +1592,13 @@ def score_with_run(settings):
     run_name = os.path.basename(os.path.normpath(settings["LOAD_RUN"]))
     saved, generator, discriminator = load_trained_run(settings["LOAD_RUN"])
     images, names = load_images_to_score(settings["SCORE_IMAGES"])
-    run_dir = make_run_dir(settings["OUTPUT_DIR"], f"scores_from_{run_name}")
-    log.info("Scoring %d images from %s with the run %s; writing to %s", len(images),
-             settings["SCORE_IMAGES"], settings["LOAD_RUN"], run_dir)
     s = saved["settings"]
+    ignored = ignored_when_reusing(settings)
+    if ignored:
+        log.warning("These settings come from the loaded run, so the values given here are "
+                    "ignored: %s", ", ".join(f"{k}={settings[k]!r}" for k in ignored))
+    log.info("Scoring %d images from %s with the run %s", len(images),
+             settings["SCORE_IMAGES"], settings["LOAD_RUN"])
 
     device = resolve_device(settings["DEVICE"])
     with tf.device(device):
@@ -1515,6 +1607,7 @@ def score_with_run(settings):
         image_scores = {name: compute_scores(name, discriminator, np.empty(0), reference,
                                              {"images": images}, s)["images"]
                         for name in s["SCORES"]}
+    run_dir = make_run_dir(settings["OUTPUT_DIR"], f"scores_from_{run_name}")
 
     head = s["SCORES"][0]
     flagged = image_scores[head] > thresholds[head]
@@ -1537,6 +1630,7 @@ def score_with_run(settings):
         "flag_rate": float(flagged.mean()), "expected_rate_for_normal_images": expected_rate,
         "flagged_by_score": {name: int((values > thresholds[name]).sum())
                              for name, values in image_scores.items()},
+        "ignored_settings": ignored,
         "seconds": time.perf_counter() - started,
     }
     write_json(results, os.path.join(run_dir, "results.json"))
@@ -1548,11 +1642,16 @@ def score_with_run(settings):
     for name in s["SCORES"]:
         lines.append(f"  {name:<18} threshold {thresholds[name]:.4g}: flags "
                      f"{results['flagged_by_score'][name]:,} images")
-    lines += [f"The {head} score flags {int(flagged.sum()):,} of {len(images):,} images "
-              f"({flagged.mean():.1%}). Normal images would be flagged about "
-              f"{expected_rate:.0%} of the time, so a rate far above that means many of these "
-              "images are unlike the digits the GAN learned.",
-              f"One row per image in {os.path.join(run_dir, 'scores.csv')}.", "=" * 100]
+    lines.append(f"The {head} score flags {int(flagged.sum()):,} of {len(images):,} images "
+                 f"({flagged.mean():.1%}). The percentile implies about {expected_rate:.0%} "
+                 "for normal images.")
+    measured = saved["scores"][head].get("test", {}).get(source, {})
+    if "false_alarm_rate" in measured:
+        lines.append(f"  Measured: at its own {SOURCE_LABELS[source]} threshold the loaded run "
+                     f"flagged {measured['false_alarm_rate']:.1%} of its normal test images; a "
+                     "rate well above that means many of these images are unlike the normal "
+                     "digits.")
+    lines += [f"One row per image in {os.path.join(run_dir, 'scores.csv')}.", "=" * 100]
     print("\n".join(lines), flush=True)
     keras.backend.clear_session()
     return results
@@ -1566,6 +1665,8 @@ def main(argv=None):
     try:
         check_settings(settings)
         if settings["LOAD_RUN"] is None:
+            if settings["SCORE_IMAGES"] is not None:
+                load_images_to_score(settings["SCORE_IMAGES"])  # fail now, not after training
             results = run(settings)
             if settings["SCORE_IMAGES"] is not None:
                 score_with_run({**settings, "LOAD_RUN": results["run_dir"]})
@@ -1581,8 +1682,7 @@ def main(argv=None):
         log.error("%s", error)
         return 1
     except KeyboardInterrupt:
-        log.error("Interrupted after training; the trained models are in the run folder's "
-                  "models/ subfolder.")
+        log.error("Interrupted before training finished: there are no trained models to keep.")
         return 130
     return 0
 

@@ -7,7 +7,7 @@ images of the digit, thresholded on the same held-out images, so the table shows
 generator adds.
 
     python benchmarks/one_class.py --data-path PATH/mnist.npz [--digits 0 1 ...] \
-        [--output benchmarks/out] [any gan_mc_anomaly.py flag, e.g. --epochs 30]
+        [--output benchmarks/results] [any gan_mc_anomaly.py flag, e.g. --epochs 30]
 
 It writes one_class.md (the table) and one_class.json (every number) into --output.
 """

@@ -203,3 +203,75 @@ def test_ctrl_c_saves_the_models_and_says_where(tmp_path, mnist_npz, monkeypatch
 def test_results_json_is_plain_json(tiny_run):
     with open(os.path.join(tiny_run["run_dir"], "results.json")) as file:
         assert json.load(file) == tiny_run
+
+
+def test_examples_come_from_their_own_class(tiny_run):
+    assert "(an anomalous digit)" in tiny_run["examples"]["anomaly"]
+    assert "(a normal digit)" in tiny_run["examples"]["normal"]
+
+
+def test_example_indices_pick_the_extremes_of_each_class():
+    scores = np.array([0.1, 0.9, 0.5, 0.05, 0.7])
+    labels = np.array([3, 0, 3, 1, 0])  # normal: 0; the lowest score (0.05) is an anomaly
+    assert gma.example_indices(scores, labels, [0]) == (2, 4)
+    assert gma.example_indices(scores, labels, list(range(10))) == (1, 3)
+
+
+def test_test_set_of_anomalies_only(tmp_path, digits):
+    x_train, y_train, x_test, y_test = digits
+    keep = ~np.isin(y_test, [0, 1])
+    path = tmp_path / "no_normal_test_digits.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test[keep], y_test=y_test[keep])
+    results = run_tiny(["--data-path", str(path), "--output-dir", str(tmp_path / "runs"),
+                        "--epochs", "1"])
+    test = results["headline"]["test"]
+    assert test["labelled_anomalies"] == test["test_images"] == 800
+    text = gma.summary_text(results)
+    assert "Every test image is an anomalous digit" in text
+    assert "all test digits are normal" not in text
+
+
+def test_training_data_without_the_normal_digits(tmp_path, digits):
+    x_train, y_train, x_test, y_test = digits
+    keep = y_train != 0
+    path = tmp_path / "no_zeros.npz"
+    np.savez(path, x_train=x_train[keep], y_train=y_train[keep], x_test=x_test, y_test=y_test)
+    settings = gma.parse_args(["--data-path", str(path), "--output-dir", str(tmp_path / "r"),
+                               "--normal-digits", "0"])
+    with pytest.raises(gma.DataError, match=r"hold no digit of NORMAL_DIGITS = \(0,\); they "
+                                            r"hold \[1, 2, 3, 4, 5, 6, 7, 8, 9\]"):
+        gma.run(settings)
+    assert os.listdir(tmp_path / "r") == []
+
+
+def test_ctrl_c_after_training_names_the_saved_models(tmp_path, mnist_npz, monkeypatch):
+    def interrupted_sampling(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gma, "monte_carlo_sample", interrupted_sampling)
+    settings = gma.parse_args(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
+                               "--normal-digits", "0", "--epochs", "1", "--latent-dim", "8",
+                               "--generator-widths", "16", "--discriminator-widths", "16"])
+    with pytest.raises(gma.TrainingInterrupted, match="Interrupted after training; the "
+                                                      "trained models are saved in") as error:
+        gma.run(settings)
+    models = str(error.value).split("saved in ")[1].rstrip(".")
+    assert os.path.isfile(os.path.join(models, "generator.keras"))
+
+
+def test_ctrl_c_before_training_says_there_is_nothing_to_keep(tmp_path, mnist_npz,
+                                                             monkeypatch, caplog):
+    def interrupted_loading(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gma, "load_data", interrupted_loading)
+    code = gma.main(["--data-path", mnist_npz, "--output-dir", str(tmp_path)])
+    assert code == 130
+    assert "Interrupted before training finished: there are no trained models" in caplog.text
+
+
+def test_missing_cpu_falls_back_to_the_first(caplog):
+    with caplog.at_level("INFO", logger="gan_mc_anomaly"):
+        assert gma.resolve_device("/cpu:7") == "/cpu:0"
+    assert "No CPU device /cpu:7" in caplog.text
+    assert gma.resolve_device("/cpu:0") == "/cpu:0"

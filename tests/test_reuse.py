@@ -229,3 +229,38 @@ def test_unreadable_png(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not really a png")
     with pytest.raises(gma.DataError, match="broken.png in .* is not a readable PNG"):
         gma.load_images_to_score(str(tmp_path))
+
+
+def test_corrupt_results_json(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    (copy / "results.json").write_text("{ not json")
+    with pytest.raises(gma.SettingsError, match="results.json cannot be read"):
+        gma.load_trained_run(str(copy))
+
+
+def test_corrupt_model_file(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    (copy / "models" / "generator.keras").write_bytes(b"garbage")
+    with pytest.raises(gma.SettingsError, match="generator.keras cannot be loaded as a Keras "
+                                                "model"):
+        gma.load_trained_run(str(copy))
+
+
+def test_settings_a_reused_run_overrides_are_named(tiny_run, tmp_path, caplog):
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 28, 28), np.uint8))
+    with caplog.at_level("WARNING", logger="gan_mc_anomaly"):
+        code, results = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
+                               "--percentile", "99", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert "values given here are ignored: PERCENTILE=99.0" in caplog.text
+    assert results["ignored_settings"] == ["PERCENTILE"]
+
+
+def test_flat_images_are_reported_with_their_own_shape(tmp_path):
+    path = tmp_path / "flat.npy"
+    np.save(path, np.zeros((50, 784), np.uint8))
+    with pytest.raises(gma.DataError, match=r"has shape \(50, 784\): expected \(n, 28, 28\)"):
+        gma.load_images_to_score(str(path))

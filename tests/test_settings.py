@@ -39,9 +39,13 @@ BAD_SETTINGS = [
     ("LEARNING_RATE", 0.0, "LEARNING_RATE = 0.0 is not valid: expected a number in \\(0, 1\\)"),
     ("LEARNING_RATE", 1.5, "LEARNING_RATE = 1.5 is not valid"),
     ("LEARNING_RATE", float("nan"), "LEARNING_RATE = nan is not valid"),
+    ("LEARNING_RATE", None, "LEARNING_RATE = None is not valid: expected a number in"),
+    ("PERCENTILE", "95", "PERCENTILE = '95' is not valid: expected a number in \\(0, 100\\)"),
+    ("VALIDATION_FRACTION", None, "VALIDATION_FRACTION = None is not valid"),
     ("ADAM_BETA_1", 1.0, "ADAM_BETA_1 = 1.0 is not valid: expected a number in \\[0, 1\\)"),
     ("ADAM_BETA_1", -0.1, "ADAM_BETA_1 = -0.1 is not valid"),
-    ("SEED", -1, "SEED = -1 is not valid: expected an integer >= 0"),
+    ("SEED", -1, "SEED = -1 is not valid: expected an integer from 0 to 4294967295"),
+    ("SEED", 2 ** 32, "SEED = 4294967296 is not valid: expected an integer from 0 to "),
     ("DEVICE", "gpu0", "DEVICE = 'gpu0' is not valid: expected a TensorFlow device name"),
     ("DEVICE", "/tpu:0", "DEVICE = '/tpu:0' is not valid"),
     ("MC_SAMPLES", 999, "MC_SAMPLES = 999 is not valid: expected an integer >= 1000"),
@@ -97,6 +101,11 @@ def test_too_few_held_out_images(tmp_path, mnist_npz, monkeypatch):
         gma.run(settings)
 
 
+def test_data_path_that_is_a_folder(tmp_path):
+    with pytest.raises(gma.SettingsError, match="DATA_PATH = .*: is a folder. Expected None"):
+        gma.check_settings(with_setting("DATA_PATH", str(tmp_path)))
+
+
 def test_output_dir_that_is_a_file(tmp_path):
     path = tmp_path / "runs"
     path.write_text("")
@@ -122,6 +131,18 @@ def test_batch_larger_than_the_normal_training_images(tmp_path, mnist_npz, monke
                                                 "training images of NORMAL_DIGITS = \\(3,\\)"):
         gma.run(settings)
     assert os.listdir(tmp_path) == []  # the run folder made for it is removed again
+
+
+def test_images_to_score_are_checked_before_training(tmp_path, mnist_npz, monkeypatch):
+    import numpy as np
+
+    bad_images = tmp_path / "images.npy"
+    np.save(bad_images, np.zeros((4, 50, 784), np.uint8))
+    monkeypatch.setattr(gma, "run", lambda settings: pytest.fail("the run started"))
+    code = gma.main(["--data-path", mnist_npz, "--output-dir", str(tmp_path / "runs"),
+                     "--score-images", str(bad_images)])
+    assert code == 2
+    assert not (tmp_path / "runs").exists()
 
 
 def test_flags_override_the_constants():

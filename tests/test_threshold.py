@@ -72,3 +72,29 @@ def test_convergence_rows_use_growing_prefixes_and_end_at_the_full_estimate():
     for n, estimate, low, high in rows:
         assert low <= estimate <= high
         assert estimate == pytest.approx(np.percentile(scores[:n], 95.0))
+
+
+@pytest.mark.parametrize("n", [40, 200])
+def test_interval_keeps_its_coverage_for_small_samples(n):
+    # With few samples the upper bound at the 95th percentile may lie beyond the largest
+    # sample: it is then None (unbounded), never silently clamped to the maximum.
+    rng = np.random.default_rng(7)
+    trials, covered = 2000, 0
+    for _ in range(trials):
+        _, low, high = gma.percentile_interval(rng.uniform(size=n), 95.0, 0.95)
+        covered += (low is None or low <= 0.95) and (high is None or 0.95 <= high)
+    assert covered / trials >= 0.94
+
+
+def test_bounds_the_sample_cannot_give_are_none():
+    scores = np.arange(20.0)
+    _, low, high = gma.percentile_interval(scores, 99.9, 0.95)
+    assert high is None  # nothing in 20 samples bounds the 99.9th percentile from above
+    assert low == 19.0
+    _, low, high = gma.percentile_interval(scores, 0.1, 0.95)
+    assert low is None and high == 0.0
+
+
+def test_convergence_starts_at_a_tenth_of_a_small_sample():
+    rows = gma.threshold_convergence(np.random.default_rng(8).uniform(size=1000), 95.0, 0.95)
+    assert rows[0][0] == 100 and rows[-1][0] == 1000 and len(rows) > 5
