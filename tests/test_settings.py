@@ -91,16 +91,6 @@ def test_validation_threshold_needs_held_out_images():
     assert gma.check_settings(settings) is None
 
 
-def test_too_few_held_out_images(tmp_path, mnist_npz, monkeypatch):
-    settings = gma.parse_args(TINY_FLAGS + ["--data-path", mnist_npz, "--output-dir",
-                                            str(tmp_path), "--normal-digits", "3",
-                                            "--validation-fraction", "0.01"])
-    monkeypatch.setattr(gma, "train_gan", lambda *a: pytest.fail("training started"))
-    with pytest.raises(gma.SettingsError, match="VALIDATION_FRACTION = 0.01 holds out only 4 "
-                                                "images of NORMAL_DIGITS = \\(3,\\)"):
-        gma.run(settings)
-
-
 def test_data_path_that_is_a_folder(tmp_path):
     with pytest.raises(gma.SettingsError, match="DATA_PATH = .*: is a folder. Expected None"):
         gma.check_settings(with_setting("DATA_PATH", str(tmp_path)))
@@ -122,13 +112,19 @@ def test_unwritable_output_dir_fails_before_any_data_is_loaded(tmp_path, monkeyp
         gma.run(settings)
 
 
-def test_batch_larger_than_the_normal_training_images(tmp_path, mnist_npz, monkeypatch):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "5000", "BATCH_SIZE = 5000 is larger than the 360 training images of "
+                             "NORMAL_DIGITS = \\(3,\\)"),
+    ("--validation-fraction", "0.01", "VALIDATION_FRACTION = 0.01 holds out only 4 images of "
+                                      "NORMAL_DIGITS = \\(3,\\)"),
+])
+def test_settings_that_do_not_fit_the_data_fail_before_training(tmp_path, mnist_npz,
+                                                                 monkeypatch, flag, value,
+                                                                 message):
     settings = gma.parse_args(TINY_FLAGS + ["--data-path", mnist_npz, "--output-dir",
-                                            str(tmp_path), "--normal-digits", "3",
-                                            "--batch-size", "5000"])
+                                            str(tmp_path), "--normal-digits", "3", flag, value])
     monkeypatch.setattr(gma, "train_gan", lambda *a: pytest.fail("training started"))
-    with pytest.raises(gma.SettingsError, match="BATCH_SIZE = 5000 is larger than the 360 "
-                                                "training images of NORMAL_DIGITS = \\(3,\\)"):
+    with pytest.raises(gma.SettingsError, match=message):
         gma.run(settings)
     assert os.listdir(tmp_path) == []  # the run folder made for it is removed again
 
