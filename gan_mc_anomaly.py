@@ -651,9 +651,9 @@ def train_gan(x_train, settings, run_dir):
                 shuffle=False)  # the dataset shuffles itself, with the seed
     except KeyboardInterrupt:
         folder = save_models(generator, discriminator, os.path.join(run_dir, "interrupted"))
-        raise TrainingInterrupted(f"Training interrupted after {len(epoch_log.rows)} full epochs. "
-                            f"The models as they stood are saved in {folder}; the epoch log "
-                            f"is in {run_dir}.") from None
+        raise TrainingInterrupted(
+            f"Training interrupted after {len(epoch_log.rows)} full epochs. The models as they "
+            f"stood are saved in {folder}; the epoch log is in {run_dir}.") from None
 
     if epoch_log.diverged_at is not None:
         if epoch_log.last_good_weights is not None:
@@ -777,11 +777,11 @@ def nearest_generated_distances(queries, reference, neighbours, self_indices=Non
 
 
 def compute_scores(name, discriminator, mc_logits, reference, images, settings):
-    """Return {"generated", "validation", "test"} score arrays of one anomaly score.
+    """Return score arrays of one anomaly score: "generated" and one for each split.
 
     mc_logits are D's logits for the Monte Carlo sample and reference its first
-    NEIGHBOUR_SAMPLES images; images holds "validation" and "test" images in [0, 1]
-    (validation may be empty). Both scores rise as an image looks less like the normal
+    NEIGHBOUR_SAMPLES images; images maps split names ("validation", "test", ...) to images
+    in [0, 1], any of which may be empty. Both scores rise as an image looks less like the normal
     digits:
     - "discriminator": 1 - D(x); its generated scores are the whole Monte Carlo sample.
     - "nearest_generated": mean distance to the NEIGHBOURS nearest images of reference; its
