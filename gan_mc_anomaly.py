@@ -1039,9 +1039,9 @@ def summary_text(results):
         observed, what = ((test["false_alarm_rate"], "false alarm rate on normal test images")
                           if "false_alarm_rate" in test
                           else (test["flag_rate"], "flag rate (all test digits are normal)"))
+        gap_points = round(100 * (observed - expected_rate), 1) + 0.0  # + 0.0: no "-0.0"
         lines.append(f"  So about {expected_rate:.0%} of normal test images should be flagged; "
-                     f"the {what} is {observed:.1%}, {100 * (observed - expected_rate):+.1f} "
-                     "points from that.")
+                     f"the {what} is {observed:.1%}, {gap_points:+.1f} points from that.")
     if "auroc" in head:
         lines.append(f"  AUROC {head['auroc']:.3f}: a random anomalous test image outscores a "
                      f"random normal one {head['auroc']:.0%} of the time (0.5 is chance).")

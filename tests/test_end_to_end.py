@@ -275,3 +275,13 @@ def test_missing_cpu_falls_back_to_the_first(caplog):
         assert gma.resolve_device("/cpu:7") == "/cpu:0"
     assert "No CPU device /cpu:7" in caplog.text
     assert gma.resolve_device("/cpu:0") == "/cpu:0"
+
+
+def test_summary_never_prints_minus_zero_points(tiny_run):
+    import copy
+
+    results = copy.deepcopy(tiny_run)
+    results["headline"]["test"]["false_alarm_rate"] = 0.0499  # 0.01 points under 5%
+    text = gma.summary_text(results)
+    assert "is 5.0%, +0.0 points from that" in text
+    assert "-0.0 points" not in text
