@@ -776,32 +776,30 @@ def nearest_generated_distances(queries, reference, neighbours, self_indices=Non
     return scores
 
 
-def compute_scores(name, discriminator, mc_logits, reference, images, settings):
-    """Return score arrays of one anomaly score: "generated" and one for each split.
+def generated_scores(name, mc_logits, reference, settings):
+    """Return one anomaly score for the Monte Carlo sample, the basis of its threshold.
 
-    mc_logits are D's logits for the Monte Carlo sample and reference its first
-    NEIGHBOUR_SAMPLES images; images maps split names ("validation", "test", ...) to images
-    in [0, 1], any of which may be empty. Both scores rise as an image looks less like the normal
-    digits:
-    - "discriminator": 1 - D(x); its generated scores are the whole Monte Carlo sample.
-    - "nearest_generated": mean distance to the NEIGHBOURS nearest images of reference; its
-      generated scores are those of reference, each scored against the others.
+    - "discriminator": 1 - D(x) of every image of the sample (mc_logits are D's logits).
+    - "nearest_generated": for each of reference (the first NEIGHBOUR_SAMPLES images of the
+      sample), the mean distance to its NEIGHBOURS nearest others, itself excluded.
     """
     if name == "discriminator":
-        scores = {"generated": anomaly_scores_from_logits(mc_logits)}
-    else:
-        scores = {"generated": nearest_generated_distances(
-            reference, reference, settings["NEIGHBOURS"], self_indices=np.arange(len(reference)))}
-    for split, x in images.items():
-        if len(x) == 0:  # no held-out images: nothing to score
-            scores[split] = np.empty(0)
-        elif name == "discriminator":
-            logits = discriminator_logits(discriminator, x, settings["MC_BATCH_SIZE"])
-            scores[split] = anomaly_scores_from_logits(logits)
-        else:
-            scores[split] = nearest_generated_distances(x.reshape(len(x), IMAGE_PIXELS),
-                                                        reference, settings["NEIGHBOURS"])
-    return scores
+        return anomaly_scores_from_logits(mc_logits)
+    return nearest_generated_distances(reference, reference, settings["NEIGHBOURS"],
+                                       self_indices=np.arange(len(reference)))
+
+
+def image_scores(name, discriminator, reference, images, settings):
+    """Return one anomaly score for images in [0, 1], shaped (n, 28, 28); higher means less
+    like the normal digits: 1 - D(x), or the mean distance to the NEIGHBOURS nearest images
+    of reference."""
+    if len(images) == 0:  # for example no held-out images
+        return np.empty(0)
+    if name == "discriminator":
+        logits = discriminator_logits(discriminator, images, settings["MC_BATCH_SIZE"])
+        return anomaly_scores_from_logits(logits)
+    return nearest_generated_distances(images.reshape(len(images), IMAGE_PIXELS), reference,
+                                       settings["NEIGHBOURS"])
 
 
 def generate_images(generator, count, latent_dim, seed):
@@ -1339,9 +1337,11 @@ def run_pipeline(settings, progress):
         all_scores = {}
         for name in settings["SCORES"]:
             phase = time.perf_counter()
-            all_scores[name] = compute_scores(
-                name, discriminator, mc_logits, reference,
-                {"validation": data["validation"], "test": x_test}, settings)
+            all_scores[name] = {
+                "generated": generated_scores(name, mc_logits, reference, settings),
+                **{split: image_scores(name, discriminator, reference, images, settings)
+                   for split, images in (("validation", data["validation"]),
+                                         ("test", x_test))}}
             timings[f"score_{name}_s"] = time.perf_counter() - phase
             log.info("Scored generated, held-out and test images with the %s score in %.1f s.",
                      name, timings[f"score_{name}_s"])
@@ -1525,8 +1525,8 @@ def reference_thresholds(saved, generator, discriminator, settings):
     mc_logits, reference = monte_carlo_sample(generator, discriminator, count,
                                               s["MC_BATCH_SIZE"], s["LATENT_DIM"], seed,
                                               keep_images=keep)
-    generated = {name: compute_scores(name, discriminator, mc_logits, reference, {},
-                                      sample_settings)["generated"] for name in s["SCORES"]}
+    generated = {name: generated_scores(name, mc_logits, reference, sample_settings)
+                 for name in s["SCORES"]}
     mc_thresholds = {name: percentile_interval(values, s["PERCENTILE"], s["CONFIDENCE"])[0]
                      for name, values in generated.items()}
     if fresh:
@@ -1558,11 +1558,11 @@ def ignored_when_reusing(settings):
             if name not in applies and settings[name] != defaults[name]]
 
 
-def scores_csv(path, names, image_scores, thresholds, head):
+def scores_csv(path, names, scores_by_name, thresholds, head):
     """Write one row per image: its name, each score, whether each flags it, and the verdict
     of the headline score."""
     columns = ["image"]
-    for name in image_scores:
+    for name in scores_by_name:
         columns += [f"{name}_score", f"{name}_flagged"]
     columns.append("anomaly")
     with open(path, "w", newline="", encoding="utf-8") as file:
@@ -1570,9 +1570,9 @@ def scores_csv(path, names, image_scores, thresholds, head):
         writer.writerow(columns)
         for i, image_name in enumerate(names):
             row = [image_name]
-            for name, values in image_scores.items():
+            for name, values in scores_by_name.items():
                 row += [f"{values[i]:.6g}", int(values[i] > thresholds[name])]
-            row.append(int(image_scores[head][i] > thresholds[head]))
+            row.append(int(scores_by_name[head][i] > thresholds[head]))
             writer.writerow(row)
 
 
@@ -1604,17 +1604,16 @@ def score_with_run(settings):
     with tf.device(device):
         thresholds, generated, reference, source = reference_thresholds(
             saved, generator, discriminator, settings)
-        image_scores = {name: compute_scores(name, discriminator, np.empty(0), reference,
-                                             {"images": images}, s)["images"]
-                        for name in s["SCORES"]}
+        scores = {name: image_scores(name, discriminator, reference, images, s)
+                  for name in s["SCORES"]}
     run_dir = make_run_dir(settings["OUTPUT_DIR"], f"scores_from_{run_name}")
 
     head = s["SCORES"][0]
-    flagged = image_scores[head] > thresholds[head]
+    flagged = scores[head] > thresholds[head]
     expected_rate = 1.0 - s["PERCENTILE"] / 100.0
-    scores_csv(os.path.join(run_dir, "scores.csv"), names, image_scores, thresholds, head)
-    top = np.argsort(-image_scores[head])[:32]
-    figure = plot_image_grid(images[top], [f"{names[i][:12]}: {image_scores[head][i]:.3g}"
+    scores_csv(os.path.join(run_dir, "scores.csv"), names, scores, thresholds, head)
+    top = np.argsort(-scores[head])[:32]
+    figure = plot_image_grid(images[top], [f"{names[i][:12]}: {scores[head][i]:.3g}"
                                            for i in top],
                              f"Most anomalous images by the {head} score (name: score)",
                              os.path.join(run_dir, "top_anomalies.png"))
@@ -1629,7 +1628,7 @@ def score_with_run(settings):
         "headline_score": head, "flagged": int(flagged.sum()),
         "flag_rate": float(flagged.mean()), "expected_rate_for_normal_images": expected_rate,
         "flagged_by_score": {name: int((values > thresholds[name]).sum())
-                             for name, values in image_scores.items()},
+                             for name, values in scores.items()},
         "ignored_settings": ignored,
         "seconds": time.perf_counter() - started,
     }
