@@ -241,7 +241,12 @@ def check_settings(settings):
             or len(set(scores)) != len(scores)):
         raise _bad("SCORES", scores, f"a non-empty tuple of distinct names from {KNOWN_SCORES}")
     _check_int(settings, "NEIGHBOURS", 1)
-    _check_int(settings, "NEIGHBOUR_SAMPLES", settings["NEIGHBOURS"] + 1)
+    _check_int(settings, "NEIGHBOUR_SAMPLES", 2)
+    if settings["NEIGHBOURS"] >= settings["NEIGHBOUR_SAMPLES"]:
+        raise SettingsError(f"NEIGHBOURS = {settings['NEIGHBOURS']} is not below "
+                            f"NEIGHBOUR_SAMPLES = {settings['NEIGHBOUR_SAMPLES']}: each generated "
+                            "image needs that many neighbours besides itself, so expected "
+                            "NEIGHBOURS < NEIGHBOUR_SAMPLES.")
     # A reused run brings its own NEIGHBOUR_SAMPLES, checked against MC_SAMPLES on loading.
     if settings["NEIGHBOUR_SAMPLES"] > settings["MC_SAMPLES"] and settings["LOAD_RUN"] is None:
         raise SettingsError(f"NEIGHBOUR_SAMPLES = {settings['NEIGHBOUR_SAMPLES']} is larger "
@@ -272,6 +277,9 @@ def check_settings(settings):
                             "expected the images to score with the loaded run.")
     if not isinstance(settings["FRESH_SAMPLE"], bool):
         raise _bad("FRESH_SAMPLE", settings["FRESH_SAMPLE"], "True or False")
+    if settings["FRESH_SAMPLE"] and load_run is None:
+        raise SettingsError("FRESH_SAMPLE = True needs LOAD_RUN: it replaces a loaded run's "
+                            "thresholds. Expected FRESH_SAMPLE = False, or a LOAD_RUN folder.")
 
     output_dir = settings["OUTPUT_DIR"]
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -283,12 +291,24 @@ def check_settings(settings):
         raise _bad("SHOW_PLOTS", settings["SHOW_PLOTS"], "True or False")
 
 
+def check_output_dir(output_dir):
+    """Create the output folder if needed and prove it writable; raise SettingsError if not.
+
+    Runs before any data is loaded, so a read-only disk costs seconds, not a training run.
+    """
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise SettingsError(f"OUTPUT_DIR = {str(output_dir)!r} cannot be written: {error}")
+
+
 def make_run_dir(output_dir, label):
     """Create and return a new run folder named by time and label; it never reuses an
-    earlier run's folder.
-
-    Creating it before training is also the check that the output folder can be written.
-    """
+    earlier run's folder."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(output_dir, f"{stamp}_{label}")
     try:
@@ -850,7 +870,7 @@ def threshold_convergence(scores, percentile, confidence, points=12):
     return [(int(n), *percentile_interval(scores[:n], percentile, confidence)) for n in sizes]
 
 
-def thresholds(score_sets, percentile, confidence):
+def thresholds(name, score_sets, percentile, confidence):
     """Return {source: {"value", "low", "high", "images"}} for each threshold source.
 
     "monte_carlo" is the method's threshold: the percentile of the generated images' scores.
@@ -864,9 +884,9 @@ def thresholds(score_sets, percentile, confidence):
             continue
         value, low, high = percentile_interval(values, percentile, confidence)
         if low is None or high is None:
-            log.warning("Only %d %s images for the %gth percentile: too few to bound it with "
-                        "%g%% confidence, so the threshold is poorly determined.", len(values),
-                        SOURCE_LABELS[source], percentile, 100 * confidence)
+            log.warning("Only %d %s images for the %gth percentile of the %s score: too few to "
+                        "bound it with %g%% confidence, so the threshold is poorly determined.",
+                        len(values), SOURCE_LABELS[source], percentile, name, 100 * confidence)
         found[source] = {"value": value, "low": low, "high": high, "images": len(values)}
     return found
 
@@ -922,12 +942,12 @@ def evaluate(test_scores, test_labels, normal_digits, threshold):
     return results
 
 
-def score_results(score_sets, test_labels, normal_digits, settings):
+def score_results(name, score_sets, test_labels, normal_digits, settings):
     """Return one score's results: its Monte Carlo sample summary, both thresholds, its
     ranking quality and its test results at each threshold."""
     generated = score_sets["generated"]
     percentile, confidence = settings["PERCENTILE"], settings["CONFIDENCE"]
-    found = thresholds(score_sets, percentile, confidence)
+    found = thresholds(name, score_sets, percentile, confidence)
     return {
         "generated": {
             "samples": len(generated), "mean": float(generated.mean()),
@@ -1164,14 +1184,11 @@ def display_available():
 
 
 def library_versions():
-    import keras
-    import matplotlib
-    import sklearn
-    import tensorflow as tf
+    from importlib.metadata import version
 
-    return {"python": platform.python_version(), "numpy": np.__version__,
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "scikit-learn": sklearn.__version__, "matplotlib": matplotlib.__version__}
+    packages = ("numpy", "tensorflow", "keras", "scikit-learn", "scipy", "matplotlib",
+                "mlxtend", "pillow")
+    return {"python": platform.python_version(), **{name: version(name) for name in packages}}
 
 
 def to_json_value(value):
@@ -1301,16 +1318,12 @@ def run_pipeline(settings, progress):
 
     timings = {}
     started = time.perf_counter()
+    check_output_dir(settings["OUTPUT_DIR"])
+    data = prepare_data(settings)
+    x_test, y_test = data["x_test"], data["y_test"]
     digits = "".join(str(d) for d in sorted(settings["NORMAL_DIGITS"]))
     run_dir = make_run_dir(settings["OUTPUT_DIR"], f"normal{digits}_seed{settings['SEED']}")
     log.info("Writing results to %s", run_dir)
-
-    try:
-        data = prepare_data(settings)
-    except (SettingsError, DataError):
-        os.rmdir(run_dir)  # still empty: leave no trace of a run that never started
-        raise
-    x_test, y_test = data["x_test"], data["y_test"]
     normal_digits = list(settings["NORMAL_DIGITS"])
     timings["load_data_s"] = time.perf_counter() - started
 
@@ -1347,7 +1360,7 @@ def run_pipeline(settings, progress):
                      name, timings[f"score_{name}_s"])
         samples = generate_images(generator, 64, settings["LATENT_DIM"], settings["SEED"])
 
-    scores = {name: score_results(sets, y_test, normal_digits, settings)
+    scores = {name: score_results(name, sets, y_test, normal_digits, settings)
               for name, sets in all_scores.items()}
     head_name = settings["SCORES"][0]
     head_source = settings["CLASSIFY_WITH"]
@@ -1416,7 +1429,7 @@ def load_images_to_score(path):
                 raise DataError(f"SCORE_IMAGES = {str(path)!r} holds {loaded.files}: expected "
                                 "one array, or one named 'images', 'x_test' or 'x'")
             loaded = loaded[keys[0]]
-    if loaded.shape == IMAGE_SHAPE:
+    if loaded.shape in (IMAGE_SHAPE, (*IMAGE_SHAPE, 1)):
         loaded = loaded[None]  # a single image
     images = check_images(loaded, f"SCORE_IMAGES = {str(path)!r}")
     return images, [str(i) for i in range(len(images))]
@@ -1610,7 +1623,7 @@ def score_with_run(settings):
 
     head = s["SCORES"][0]
     flagged = scores[head] > thresholds[head]
-    expected_rate = 1.0 - s["PERCENTILE"] / 100.0
+    expected_rate = round(1.0 - s["PERCENTILE"] / 100.0, 10)  # no 0.050000000000000044
     scores_csv(os.path.join(run_dir, "scores.csv"), names, scores, thresholds, head)
     top = np.argsort(-scores[head])[:32]
     figure = plot_image_grid(images[top], [f"{names[i][:12]}: {scores[head][i]:.3g}"
@@ -1633,11 +1646,14 @@ def score_with_run(settings):
         "seconds": time.perf_counter() - started,
     }
     write_json(results, os.path.join(run_dir, "results.json"))
-    label = SOURCE_LABELS[source] + (" (fresh sample)" if settings["FRESH_SAMPLE"] else "")
+    label = ("of a fresh Monte Carlo sample of generated images" if settings["FRESH_SAMPLE"]
+             else "of held-out real images of the normal digits (the loaded run's threshold)"
+             if source == "validation"
+             else "of the loaded run's Monte Carlo sample of generated images")
     lines = ["", "=" * 100,
              f"Scored {len(images):,} images from {settings['SCORE_IMAGES']} with the run "
              f"{settings['LOAD_RUN']} (normal digits {list(s['NORMAL_DIGITS'])}).",
-             f"Thresholds: the {s['PERCENTILE']:g}th percentile, {label}."]
+             f"Thresholds: the {s['PERCENTILE']:g}th percentile {label}."]
     for name in s["SCORES"]:
         lines.append(f"  {name:<18} threshold {thresholds[name]:.4g}: flags "
                      f"{results['flagged_by_score'][name]:,} images")

@@ -27,7 +27,8 @@ def test_results_hold_the_settings_versions_device_and_timings(tiny_run):
     assert tiny_run["settings"]["NORMAL_DIGITS"] == [0, 1]
     assert tiny_run["settings"]["EPOCHS"] == 2
     assert set(tiny_run["settings"]) == set(gma.SETTING_NAMES)
-    assert {"tensorflow", "keras", "numpy", "scikit-learn"} <= set(tiny_run["versions"])
+    assert {"tensorflow", "keras", "numpy", "scikit-learn", "scipy", "mlxtend",
+            "pillow"} <= set(tiny_run["versions"])
     assert tiny_run["device_requested"] == "/gpu:0"
     assert tiny_run["device_used"] in ("/gpu:0", "/cpu:0")
     timings = tiny_run["timings"]

@@ -259,6 +259,13 @@ def test_settings_a_reused_run_overrides_are_named(tiny_run, tmp_path, caplog):
     assert results["ignored_settings"] == ["PERCENTILE"]
 
 
+def test_a_single_image_with_a_channel_axis(tmp_path):
+    path = tmp_path / "one.npy"
+    np.save(path, np.zeros((28, 28, 1), np.uint8))
+    images, names = gma.load_images_to_score(str(path))
+    assert images.shape == (1, 28, 28) and names == ["0"]
+
+
 def test_flat_images_are_reported_with_their_own_shape(tmp_path):
     path = tmp_path / "flat.npy"
     np.save(path, np.zeros((50, 784), np.uint8))

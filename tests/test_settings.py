@@ -56,7 +56,9 @@ BAD_SETTINGS = [
     ("SCORES", (), "SCORES = \\(\\) is not valid: expected a non-empty tuple of distinct names"),
     ("SCORES", ("nearest",), "SCORES = \\('nearest',\\) is not valid: .*'nearest_generated'"),
     ("NEIGHBOURS", 0, "NEIGHBOURS = 0 is not valid: expected an integer >= 1"),
-    ("NEIGHBOUR_SAMPLES", 5, "NEIGHBOUR_SAMPLES = 5 is not valid: expected an integer >= 6"),
+    ("NEIGHBOUR_SAMPLES", 1, "NEIGHBOUR_SAMPLES = 1 is not valid: expected an integer >= 2"),
+    ("NEIGHBOUR_SAMPLES", 5, "NEIGHBOURS = 5 is not below NEIGHBOUR_SAMPLES = 5"),
+    ("NEIGHBOURS", 20_000, "NEIGHBOURS = 20000 is not below NEIGHBOUR_SAMPLES = 20000: "),
     ("NEIGHBOUR_SAMPLES", 200_000, "NEIGHBOUR_SAMPLES = 200000 is larger than MC_SAMPLES"),
     ("VALIDATION_FRACTION", 0.5, "VALIDATION_FRACTION = 0.5 is not valid: expected a number "
                                  "in \\[0, 0.5\\)"),
@@ -66,6 +68,7 @@ BAD_SETTINGS = [
     ("SCORE_IMAGES", "/no/such/images.npy", "SCORE_IMAGES = '/no/such/images.npy': no such "
                                             "file or folder"),
     ("FRESH_SAMPLE", 1, "FRESH_SAMPLE = 1 is not valid: expected True or False"),
+    ("FRESH_SAMPLE", True, "FRESH_SAMPLE = True needs LOAD_RUN"),
     ("OUTPUT_DIR", "", "OUTPUT_DIR = '' is not valid: expected a folder path"),
     ("SHOW_PLOTS", "yes", "SHOW_PLOTS = 'yes' is not valid: expected True or False"),
 ]
