@@ -1184,11 +1184,20 @@ def display_available():
 
 
 def library_versions():
-    from importlib.metadata import version
+    """Return the versions of Python and of the packages a run uses, read from the modules
+    themselves (a tensorflow-cpu or tf-nightly install is still found)."""
+    import importlib
 
-    packages = ("numpy", "tensorflow", "keras", "scikit-learn", "scipy", "matplotlib",
-                "mlxtend", "pillow")
-    return {"python": platform.python_version(), **{name: version(name) for name in packages}}
+    modules = {"numpy": "numpy", "tensorflow": "tensorflow", "keras": "keras",
+               "scikit-learn": "sklearn", "scipy": "scipy", "matplotlib": "matplotlib",
+               "mlxtend": "mlxtend", "pillow": "PIL"}
+    versions = {"python": platform.python_version()}
+    for package, module in modules.items():
+        try:
+            versions[package] = importlib.import_module(module).__version__
+        except (ImportError, AttributeError):
+            versions[package] = "unknown"
+    return versions
 
 
 def to_json_value(value):

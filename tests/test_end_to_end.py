@@ -286,3 +286,19 @@ def test_summary_never_prints_minus_zero_points(tiny_run):
     text = gma.summary_text(results)
     assert "is 5.0%, +0.0 points from that" in text
     assert "-0.0 points" not in text
+
+
+def test_library_versions_survive_a_missing_package(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_mlxtend(name, *args):
+        if name == "mlxtend":
+            raise ImportError("not installed")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_mlxtend)
+    versions = gma.library_versions()
+    assert versions["mlxtend"] == "unknown"
+    assert versions["tensorflow"].count(".") >= 1 and versions["scipy"].count(".") >= 1
