@@ -745,6 +745,16 @@ def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, 
     return logits, images
 
 
+def draw_monte_carlo(generator, discriminator, settings):
+    """Return (logits, reference) of the settings' Monte Carlo sample: D's logits for all
+    MC_SAMPLES images, and its first NEIGHBOUR_SAMPLES images when nearest_generated is one
+    of the SCORES (none otherwise)."""
+    keep = settings["NEIGHBOUR_SAMPLES"] if "nearest_generated" in settings["SCORES"] else 0
+    return monte_carlo_sample(generator, discriminator, settings["MC_SAMPLES"],
+                              settings["MC_BATCH_SIZE"], settings["LATENT_DIM"],
+                              settings["SEED"], keep_images=keep)
+
+
 def _make_block_scorer():
     """Return the compiled function that scores one block of queries against references."""
     import tensorflow as tf
@@ -1272,10 +1282,11 @@ def prepare_data(settings):
     labels, and where they came from; raise SettingsError if they do not fit the settings."""
     x_train, y_train, x_test, y_test, source = load_data(settings["DATA_PATH"])
     normal_digits = list(settings["NORMAL_DIGITS"])
-    if not np.isin(y_train, normal_digits).any():
+    is_normal = np.isin(y_train, normal_digits)
+    if not is_normal.any():
         raise DataError(f"The training images from {source} hold no digit of NORMAL_DIGITS = "
                         f"{tuple(normal_digits)}; they hold {sorted(set(y_train.tolist()))}.")
-    normal_train, validation = split_validation(x_train[np.isin(y_train, normal_digits)],
+    normal_train, validation = split_validation(x_train[is_normal],
                                                 settings["VALIDATION_FRACTION"],
                                                 settings["SEED"])
     if settings["VALIDATION_FRACTION"] > 0 and len(validation) < 20:
@@ -1348,13 +1359,11 @@ def run_pipeline(settings, progress):
                                              os.path.join(run_dir, "models"))
 
         phase = time.perf_counter()
-        keep = settings["NEIGHBOUR_SAMPLES"] if "nearest_generated" in settings["SCORES"] else 0
-        mc_logits, reference = monte_carlo_sample(
-            generator, discriminator, settings["MC_SAMPLES"], settings["MC_BATCH_SIZE"],
-            settings["LATENT_DIM"], settings["SEED"], keep_images=keep)
+        mc_logits, reference = draw_monte_carlo(generator, discriminator, settings)
         timings["monte_carlo_s"] = time.perf_counter() - phase
         log.info("Generated and scored %d Monte Carlo images in %.1f s, keeping %d as "
-                 "neighbours.", settings["MC_SAMPLES"], timings["monte_carlo_s"], keep)
+                 "neighbours.", settings["MC_SAMPLES"], timings["monte_carlo_s"],
+                 len(reference))
 
         all_scores = {}
         for name in settings["SCORES"]:
@@ -1543,10 +1552,7 @@ def reference_thresholds(saved, generator, discriminator, settings):
                             f"NEIGHBOUR_SAMPLES = {s['NEIGHBOUR_SAMPLES']}: a fresh sample "
                             "must hold the neighbours, so expected at least that many.")
     sample_settings = {**s, "MC_SAMPLES": count, "SEED": seed}
-    keep = s["NEIGHBOUR_SAMPLES"] if "nearest_generated" in s["SCORES"] else 0
-    mc_logits, reference = monte_carlo_sample(generator, discriminator, count,
-                                              s["MC_BATCH_SIZE"], s["LATENT_DIM"], seed,
-                                              keep_images=keep)
+    mc_logits, reference = draw_monte_carlo(generator, discriminator, sample_settings)
     generated = {name: generated_scores(name, mc_logits, reference, sample_settings)
                  for name in s["SCORES"]}
     mc_thresholds = {name: percentile_interval(values, s["PERCENTILE"], s["CONFIDENCE"])[0]
