@@ -7,6 +7,8 @@ In one process, on the script's default networks and batch size, it measures and
   train_on_batch on the discriminator and on the stacked model), with their ratio;
 - the training step's FLOP count and its share of the matrix-multiply rate;
 - Monte Carlo images generated and scored per second, and their share of that rate;
+- images scored per second by the nearest_generated score (blur and blocked distances to
+  the kept generated images), and the share of that rate its distance products reach;
 - the peak memory of processes that score 10,000 and 1,000,000 Monte Carlo samples.
 
     python benchmarks/speed.py [--seconds 10] [--output benchmarks/results]
@@ -160,6 +162,26 @@ def scoring_rate(settings, seconds):
     return timed_rate(run_once, count, seconds)
 
 
+def neighbour_flops_per_image(settings):
+    """Return the matrix-multiply FLOPs of one image's nearest_generated score: a dot
+    product with each of the NEIGHBOUR_SAMPLES kept generated images."""
+    return 2 * gma.IMAGE_PIXELS * settings["NEIGHBOUR_SAMPLES"]
+
+
+def neighbour_scoring_rate(settings, seconds):
+    """Return images per second scored by nearest_generated (blur included) against
+    NEIGHBOUR_SAMPLES generated images, for a test-set-sized batch of 10,000 images."""
+    rng = np.random.default_rng(0)
+    reference = gma.blur(rng.uniform(size=(settings["NEIGHBOUR_SAMPLES"], gma.IMAGE_PIXELS)),
+                         settings["NEIGHBOUR_BLUR"])
+    images = rng.uniform(size=(10_000, *gma.IMAGE_SHAPE)).astype(np.float32)
+
+    def run_once():
+        gma.image_scores("nearest_generated", None, reference, images, settings)
+
+    return timed_rate(run_once, len(images), seconds)
+
+
 PEAK_MEMORY = """
 import resource, sys
 sys.path.insert(0, {repo!r})
@@ -214,6 +236,10 @@ def main(argv=None):
         scored = scoring_rate(settings, args.seconds)
         results["mc_images_per_s"] = scored
         results["mc_share_of_matmul_rate"] = scored * scoring_flops_per_image(settings) / peak
+        neighbours = neighbour_scoring_rate(settings, args.seconds)
+        results["nearest_generated_images_per_s"] = neighbours
+        results["nearest_generated_share_of_matmul_rate"] = (
+            neighbours * neighbour_flops_per_image(settings) / peak)
     results["peak_memory_mib"] = {n: peak_memory_mib(n) for n in (10_000, 1_000_000)}
     results["memory_ratio"] = (results["peak_memory_mib"][1_000_000]
                                / results["peak_memory_mib"][10_000])
@@ -234,6 +260,9 @@ def main(argv=None):
     lines += [
         f"  Monte Carlo scoring:               {scored:,.0f} images/s, "
         f"{results['mc_share_of_matmul_rate']:.0%} of the matmul rate",
+        f"  nearest_generated scoring:         {neighbours:,.0f} images/s against "
+        f"{settings['NEIGHBOUR_SAMPLES']:,} neighbours, "
+        f"{results['nearest_generated_share_of_matmul_rate']:.0%} of the matmul rate",
         f"  peak memory scoring 10,000:        {results['peak_memory_mib'][10_000]:.0f} MiB",
         f"  peak memory scoring 1,000,000:     {results['peak_memory_mib'][1_000_000]:.0f} "
         f"MiB ({results['memory_ratio']:.2f}x)",

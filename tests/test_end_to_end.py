@@ -103,9 +103,10 @@ def test_saved_models_reproduce_the_recorded_thresholds(tiny_run, mnist_npz):
     models = os.path.join(tiny_run["run_dir"], "models")
     generator = keras.models.load_model(os.path.join(models, "generator.keras"))
     discriminator = keras.models.load_model(os.path.join(models, "discriminator.keras"))
-    logits, reference = gma.monte_carlo_sample(generator, discriminator, 3000, 1000, 8, seed=7,
-                                               keep_images=1000)
-    settings = {**gma.default_settings(), "MC_BATCH_SIZE": 1000, "NEIGHBOURS": 5}
+    settings = {k: tuple(v) if isinstance(v, list) else v
+                for k, v in tiny_run["settings"].items()}
+    logits, reference = gma.draw_monte_carlo(generator, discriminator, settings)
+    assert len(logits) == 3000 and reference.shape == (1000, 784)
     for name, score in tiny_run["scores"].items():
         generated = gma.generated_scores(name, logits, reference, settings)
         threshold = gma.percentile_interval(generated, 95.0, 0.95)[0]
@@ -271,11 +272,24 @@ def test_ctrl_c_before_training_says_there_is_nothing_to_keep(tmp_path, mnist_np
     assert "Interrupted before training finished: there are no trained models" in caplog.text
 
 
-def test_missing_cpu_falls_back_to_the_first(caplog):
+def test_missing_cpu_falls_back_to_the_first(caplog, monkeypatch):
+    monkeypatch.setattr(gma, "_devices_reported", set())
     with caplog.at_level("INFO", logger="gan_mc_anomaly"):
         assert gma.resolve_device("/cpu:7") == "/cpu:0"
     assert "No CPU device /cpu:7" in caplog.text
     assert gma.resolve_device("/cpu:0") == "/cpu:0"
+
+
+def test_missing_gpu_falls_back_to_the_cpu_and_says_so_once(caplog, monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(gma, "_devices_reported", set())
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    with caplog.at_level("INFO", logger="gan_mc_anomaly"):
+        for _ in range(2):  # training, then scoring SCORE_IMAGES, each resolve the device
+            assert gma.resolve_device("/gpu:0") == "/cpu:0"
+    assert caplog.text.count("No GPU at /gpu:0 (TensorFlow sees 0 GPUs): running on the "
+                             "CPU instead") == 1
 
 
 def test_summary_never_prints_minus_zero_points(tiny_run):

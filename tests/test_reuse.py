@@ -117,6 +117,27 @@ def test_fresh_sample_sets_new_monte_carlo_thresholds(tiny_run, hand_made_images
     assert 0.0 <= fresh <= 1.0
 
 
+def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
+        mnist_npz, hand_made_images, tmp_path):
+    """Runs written before the NEIGHBOUR_BLUR setting have no such key in results.json;
+    they compared raw pixels, so loading one must do the same and reproduce its saved
+    Monte Carlo thresholds (a blurred redraw would not, and the run would be refused)."""
+    old = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path / "runs"),
+                    "--neighbour-blur", "0"])
+    results_path = os.path.join(old["run_dir"], "results.json")
+    del old["settings"]["NEIGHBOUR_BLUR"]
+    with open(results_path, "w", encoding="utf-8") as file:
+        json.dump(old, file)
+    path = tmp_path / "images.npy"
+    np.save(path, hand_made_images[0])
+    code, results = score(["--load-run", old["run_dir"], "--score-images", str(path),
+                           "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert results["loaded_settings"]["NEIGHBOUR_BLUR"] == 0.0
+    assert results["thresholds"]["nearest_generated"] == (
+        old["scores"]["nearest_generated"]["thresholds"]["validation"]["value"])
+
+
 def test_training_run_with_score_images_scores_them_after_training(
         mnist_npz, hand_made_images, tmp_path):
     path = tmp_path / "images.npy"
@@ -271,3 +292,32 @@ def test_flat_images_are_reported_with_their_own_shape(tmp_path):
     np.save(path, np.zeros((50, 784), np.uint8))
     with pytest.raises(gma.DataError, match=r"has shape \(50, 784\): expected \(n, 28, 28\)"):
         gma.load_images_to_score(str(path))
+
+
+def test_one_image_is_counted_in_the_singular(tiny_run, hand_made_images, tmp_path, capsys):
+    path = tmp_path / "one.npy"
+    np.save(path, hand_made_images[0][:1])
+    code, results = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
+                           "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Scored 1 image from" in printed
+    assert f"flags {results['flagged']} of 1 image (" in printed
+    assert "1 images" not in printed
+
+
+def test_each_score_line_carries_its_auroc_from_the_loaded_run(tiny_run, hand_made_images,
+                                                                tmp_path, capsys):
+    """A user reading the flags must see which score ranked anomalies worse than chance in
+    the run's own test, as the discriminator score often does."""
+    path = tmp_path / "images.npy"
+    np.save(path, hand_made_images[0])
+    code, _ = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
+                     "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in tiny_run["settings"]["SCORES"]:
+        auroc = tiny_run["scores"][name]["auroc"]
+        line = next(x for x in lines if x.startswith(f"  {name} "))
+        assert f"AUROC {auroc:.3f} on the loaded run's test images" in line
+        assert ("worse than chance" in line) == (auroc < 0.5)

@@ -127,3 +127,47 @@ def test_default_blocks_keep_each_distance_matrix_within_64_mib(monkeypatch):
     assert len(scores) == 7000 and sum(block_sizes) == 7000
     assert len(block_sizes) == 3  # 3,355 queries a block for 5,000 references
     assert max(block_sizes) * len(reference) * 4 <= 64 * 2 ** 20
+
+
+def test_blur_zero_leaves_the_pixels_as_they_are():
+    images = np.random.default_rng(5).uniform(size=(3, 28, 28)).astype(np.float32)
+    np.testing.assert_array_equal(gma.blur(images, 0.0), images.reshape(3, 784))
+
+
+def test_blur_spreads_a_point_into_a_gaussian_of_the_given_width():
+    point = np.zeros((1, 28, 28), np.float32)
+    point[0, 14, 14] = 1.0
+    for sigma in (1.0, 2.0):
+        blurred = gma.blur(point, sigma).reshape(28, 28)
+        assert blurred.sum() == pytest.approx(1.0, abs=1e-4)  # far from the border: no loss
+        # A 2-D Gaussian's peak is 1 / (2 pi sigma^2); sampling at whole pixels adds a little.
+        assert blurred[14, 14] == pytest.approx(1 / (2 * np.pi * sigma ** 2), rel=0.05)
+        rows, cols = np.indices((28, 28))
+        spread = (blurred * ((rows - 14) ** 2 + (cols - 14) ** 2)).sum() / 2
+        assert spread == pytest.approx(sigma ** 2, rel=0.02)  # variance per axis
+
+
+def test_blurred_score_keeps_an_exact_copy_lowest_and_forgives_a_one_pixel_shift():
+    """The score blurs the query as draw_monte_carlo blurs the reference, so a copy of a
+    generated image still scores 0, and a stroke moved by one pixel, which is far in raw
+    pixels, comes out closer than an unrelated image."""
+    rng = np.random.default_rng(6)
+    generated = np.zeros((40, 28, 28), np.float32)
+    for image, column in zip(generated, rng.choice([4, 8, 12, 16, 20], size=40)):
+        image[4:24, column] = 1.0  # vertical strokes, never in neighbouring columns
+    settings = {**gma.default_settings(), "NEIGHBOURS": 1, "NEIGHBOUR_BLUR": 1.0}
+    reference = gma.blur(generated, settings["NEIGHBOUR_BLUR"])
+    copy = generated[3]
+    shifted = np.roll(generated[3], 1, axis=1)
+    unrelated = np.zeros((28, 28), np.float32)
+    unrelated[14, 2:26] = 1.0  # a horizontal stroke
+    queries = np.stack([copy, shifted, unrelated])
+    blurred_scores = gma.image_scores("nearest_generated", None, reference, queries, settings)
+    assert blurred_scores[0] == pytest.approx(0.0, abs=0.05)
+    assert blurred_scores[0] < blurred_scores[1] < blurred_scores[2]
+    raw = {**settings, "NEIGHBOUR_BLUR": 0.0}
+    raw_scores = gma.image_scores("nearest_generated", None, gma.blur(generated, 0.0),
+                                  queries, raw)
+    # In raw pixels the shifted stroke overlaps no generated stroke: sqrt(20 + 20) away.
+    assert raw_scores[1] == pytest.approx(np.sqrt(40), rel=1e-3)
+    assert blurred_scores[1] < 0.5 * raw_scores[1]

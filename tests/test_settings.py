@@ -60,6 +60,10 @@ BAD_SETTINGS = [
     ("NEIGHBOUR_SAMPLES", 5, "NEIGHBOURS = 5 is not below NEIGHBOUR_SAMPLES = 5"),
     ("NEIGHBOURS", 20_000, "NEIGHBOURS = 20000 is not below NEIGHBOUR_SAMPLES = 20000: "),
     ("NEIGHBOUR_SAMPLES", 200_000, "NEIGHBOUR_SAMPLES = 200000 is larger than MC_SAMPLES"),
+    ("NEIGHBOUR_BLUR", -0.5, "NEIGHBOUR_BLUR = -0.5 is not valid: expected a number in "
+                             "\\[0, 5\\)"),
+    ("NEIGHBOUR_BLUR", 5, "NEIGHBOUR_BLUR = 5 is not valid"),
+    ("NEIGHBOUR_BLUR", "1", "NEIGHBOUR_BLUR = '1' is not valid"),
     ("VALIDATION_FRACTION", 0.5, "VALIDATION_FRACTION = 0.5 is not valid: expected a number "
                                  "in \\[0, 0.5\\)"),
     ("CLASSIFY_WITH", "test", "CLASSIFY_WITH = 'test' is not valid: expected one of "

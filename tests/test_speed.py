@@ -38,3 +38,15 @@ def test_timed_rate_counts_units_per_second():
     # Each call takes at least 10 ms and counts 7 units: at most 700 units a second.
     rate = speed.timed_rate(lambda: time.sleep(0.01), units_per_run=7, seconds=0.3)
     assert 100 < rate <= 700  # the lower bound leaves room for a busy machine
+
+
+def test_neighbour_flops_are_one_dot_product_per_kept_generated_image():
+    assert speed.neighbour_flops_per_image({"NEIGHBOUR_SAMPLES": 20_000}) == 2 * 784 * 20_000
+
+
+def test_neighbour_scoring_rate_scores_real_images():
+    import gan_mc_anomaly as gma
+
+    settings = {**gma.default_settings(), "NEIGHBOUR_SAMPLES": 500}
+    rate = speed.neighbour_scoring_rate(settings, seconds=0.2)
+    assert rate > 1000  # 10,000 images against 500 neighbours take well under 10 s
