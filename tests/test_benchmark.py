@@ -4,12 +4,14 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, gma
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import one_class  # noqa: E402
+import score_variants  # noqa: E402
 
 
 def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mnist_npz):
@@ -39,8 +41,47 @@ def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mni
     mean_auroc = sum(row["discriminator"]["auroc"] for row in table["digits"].values()) / 2
     assert f"| **mean** | discriminator | {mean_auroc:.3f} |" in markdown
 
+    # The score variants reload the same runs; the script's own variant must reproduce the
+    # benchmark's nearest_generated AUROC exactly.
+    assert score_variants.main(["--data-path", mnist_npz, "--runs", str(output / "runs"),
+                                "--output", str(output)]) == 0
+    with open(output / "score_variants.json") as file:
+        variants = json.load(file)
+    assert list(variants["digits"]) == ["2", "7"]
+    own = f"nearest, blur {gma.NEIGHBOUR_BLUR:g}"
+    for digit, found in variants["digits"].items():
+        assert len(found) == len(score_variants.BLURS) + len(score_variants.COMPONENTS) + 2
+        assert found[own]["test_auroc"] == pytest.approx(
+            table["digits"][digit]["nearest_generated"]["auroc"], abs=1e-9)
+        for values in found.values():
+            assert all(0.0 <= value <= 1.0 for value in values.values())
+
 
 def test_benchmark_refuses_runs_without_held_out_images(tmp_path, mnist_npz):
     with pytest.raises(SystemExit):
         one_class.main(["--data-path", mnist_npz, "--output", str(tmp_path),
                         "--validation-fraction", "0", "--classify-with", "monte_carlo"])
+
+
+def test_weighted_percentile_with_equal_and_uneven_weights():
+    values = np.arange(1.0, 101.0)  # 1..100
+    assert score_variants.weighted_percentile(values, np.ones(100), 95) == 95.0
+    # All the weight on the ten largest values: the 95th percentile falls among them.
+    weights = np.r_[np.zeros(90), np.ones(10)]
+    assert score_variants.weighted_percentile(values, weights, 95) == 100.0
+    assert score_variants.weighted_percentile(values, weights, 50) == 95.0
+
+
+def test_kernel_density_scores_a_copy_lowest_and_never_counts_a_sample_itself():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(size=(30, 784)).astype(np.float32)
+    queries = np.stack([reference[4], reference[4] + 0.1, rng.uniform(size=784)])
+    scores = score_variants.kernel_density_scores(queries, reference, bandwidth=3.0)
+    assert scores[0] < scores[1] < scores[2]
+    # With itself excluded, a sample's density comes from the other 29 only.
+    loo = score_variants.kernel_density_scores(reference, reference, 3.0,
+                                               self_indices=np.arange(30), block_rows=7)
+    squared = ((reference[:, None] - reference[None]) ** 2).sum(-1)
+    np.fill_diagonal(squared, np.inf)
+    expected = np.log(30) - np.log(np.exp(-squared / 18.0).sum(axis=1))
+    np.testing.assert_allclose(loo, expected, rtol=1e-4)
