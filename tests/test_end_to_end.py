@@ -292,6 +292,16 @@ def test_missing_gpu_falls_back_to_the_cpu_and_says_so_once(caplog, monkeypatch)
                              "CPU instead") == 1
 
 
+def test_summary_does_not_round_a_high_auroc_up_to_always(tiny_run):
+    import copy
+
+    results = copy.deepcopy(tiny_run)
+    results["headline"]["auroc"] = 0.997
+    text = gma.summary_text(results)
+    assert "outscores a random normal one 99.7% of the time" in text
+    assert "100% of the time" not in text
+
+
 def test_summary_never_prints_minus_zero_points(tiny_run):
     import copy
 
