@@ -1644,7 +1644,7 @@ def scores_csv(path, names, scores_by_name, thresholds, head):
             writer.writerow(row)
 
 
-def score_with_run(settings):
+def score_with_run(settings, just_trained=False):
     """Score SCORE_IMAGES with the networks and thresholds of LOAD_RUN; return the results.
 
     Writes scores.csv, top_anomalies.png and results.json into a new run folder.
@@ -1661,11 +1661,12 @@ def score_with_run(settings):
     saved, generator, discriminator = load_trained_run(settings["LOAD_RUN"])
     images, names = load_images_to_score(settings["SCORE_IMAGES"])
     s = saved["settings"]
-    ignored = ignored_when_reusing(settings)
+    # A run trained a moment ago used every setting given, so none was ignored.
+    ignored = [] if just_trained else ignored_when_reusing(settings)
     if ignored:
         log.warning("These settings come from the loaded run, so the values given here are "
                     "ignored: %s", ", ".join(f"{k}={settings[k]!r}" for k in ignored))
-    log.info("Scoring %d images from %s with the run %s", len(images),
+    log.info("Scoring %s from %s with the run %s", count_of(len(images), "image"),
              settings["SCORE_IMAGES"], settings["LOAD_RUN"])
 
     device = resolve_device(settings["DEVICE"])
@@ -1744,7 +1745,8 @@ def main(argv=None):
                 load_images_to_score(settings["SCORE_IMAGES"])  # fail now, not after training
             results = run(settings)
             if settings["SCORE_IMAGES"] is not None:
-                score_with_run({**settings, "LOAD_RUN": results["run_dir"]})
+                score_with_run({**settings, "LOAD_RUN": results["run_dir"]},
+                               just_trained=True)
         else:
             score_with_run(settings)
     except (SettingsError, DataError) as error:

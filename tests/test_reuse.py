@@ -139,7 +139,7 @@ def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
 
 
 def test_training_run_with_score_images_scores_them_after_training(
-        mnist_npz, hand_made_images, tmp_path):
+        mnist_npz, hand_made_images, tmp_path, caplog):
     path = tmp_path / "images.npy"
     np.save(path, hand_made_images[0])
     output_dir = tmp_path / "out"
@@ -151,6 +151,8 @@ def test_training_run_with_score_images_scores_them_after_training(
     assert code == 0
     folders = sorted(os.listdir(output_dir))
     assert len(folders) == 2 and any("scores_from_" in f for f in folders)
+    # The run just trained used every setting given: none of them was ignored.
+    assert "ignored" not in caplog.text
 
 
 # Each bad input fails with its own message.
@@ -294,7 +296,9 @@ def test_flat_images_are_reported_with_their_own_shape(tmp_path):
         gma.load_images_to_score(str(path))
 
 
-def test_one_image_is_counted_in_the_singular(tiny_run, hand_made_images, tmp_path, capsys):
+def test_one_image_is_counted_in_the_singular(tiny_run, hand_made_images, tmp_path, capsys,
+                                               caplog):
+    caplog.set_level("INFO", logger="gan_mc_anomaly")
     path = tmp_path / "one.npy"
     np.save(path, hand_made_images[0][:1])
     code, results = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
@@ -302,6 +306,7 @@ def test_one_image_is_counted_in_the_singular(tiny_run, hand_made_images, tmp_pa
     assert code == 0
     printed = capsys.readouterr().out
     assert "Scored 1 image from" in printed
+    assert "Scoring 1 image from" in caplog.text
     assert f"flags {results['flagged']} of 1 image (" in printed
     assert "1 images" not in printed
 
