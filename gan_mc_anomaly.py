@@ -1618,12 +1618,13 @@ REUSE_SETTINGS = ("LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR", "SHO
 FRESH_SAMPLE_SETTINGS = ("MC_SAMPLES", "SEED")
 
 
-def ignored_when_reusing(settings):
-    """Return the settings given away from their defaults that a reused run overrides."""
+def ignored_when_reusing(settings, loaded):
+    """Return the settings given away from their defaults that a reused run overrides with
+    a different value of its own (loaded: the run's saved settings)."""
     applies = REUSE_SETTINGS + (FRESH_SAMPLE_SETTINGS if settings["FRESH_SAMPLE"] else ())
     defaults = default_settings()
-    return [name for name in SETTING_NAMES
-            if name not in applies and settings[name] != defaults[name]]
+    return [name for name in SETTING_NAMES if name not in applies
+            and settings[name] != defaults[name] and settings[name] != loaded.get(name)]
 
 
 def scores_csv(path, names, scores_by_name, thresholds, head):
@@ -1644,7 +1645,7 @@ def scores_csv(path, names, scores_by_name, thresholds, head):
             writer.writerow(row)
 
 
-def score_with_run(settings, just_trained=False):
+def score_with_run(settings):
     """Score SCORE_IMAGES with the networks and thresholds of LOAD_RUN; return the results.
 
     Writes scores.csv, top_anomalies.png and results.json into a new run folder.
@@ -1661,8 +1662,7 @@ def score_with_run(settings, just_trained=False):
     saved, generator, discriminator = load_trained_run(settings["LOAD_RUN"])
     images, names = load_images_to_score(settings["SCORE_IMAGES"])
     s = saved["settings"]
-    # A run trained a moment ago used every setting given, so none was ignored.
-    ignored = [] if just_trained else ignored_when_reusing(settings)
+    ignored = ignored_when_reusing(settings, s)
     if ignored:
         log.warning("These settings come from the loaded run, so the values given here are "
                     "ignored: %s", ", ".join(f"{k}={settings[k]!r}" for k in ignored))
@@ -1745,8 +1745,7 @@ def main(argv=None):
                 load_images_to_score(settings["SCORE_IMAGES"])  # fail now, not after training
             results = run(settings)
             if settings["SCORE_IMAGES"] is not None:
-                score_with_run({**settings, "LOAD_RUN": results["run_dir"]},
-                               just_trained=True)
+                score_with_run({**settings, "LOAD_RUN": results["run_dir"]})
         else:
             score_with_run(settings)
     except (SettingsError, DataError) as error:
