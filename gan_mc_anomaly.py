@@ -787,17 +787,27 @@ def blur(pixels, sigma):
     return images.reshape(len(images), IMAGE_PIXELS)
 
 
+def squared_distances(query_block, block_self_indices, reference, reference_sq):
+    """Return the squared Euclidean distances between a block of queries and every reference,
+    from |q|^2 + |g|^2 - 2 q.g (reference_sq holds |g|^2). Each query's own reference row,
+    named by block_self_indices (-1 for none), is set to infinity so that it is never its own
+    neighbour. Float32 cancellation can leave values a little below zero."""
+    import tensorflow as tf
+
+    squared = (tf.reduce_sum(query_block * query_block, axis=1, keepdims=True)
+               + reference_sq[None, :]
+               - 2.0 * tf.matmul(query_block, reference, transpose_b=True))
+    is_self = tf.equal(block_self_indices[:, None], tf.range(tf.shape(reference)[0]))
+    return tf.where(is_self, tf.constant(np.inf, tf.float32), squared)
+
+
 def _make_block_scorer():
     """Return the compiled function that scores one block of queries against references."""
     import tensorflow as tf
 
     @tf.function(reduce_retracing=True)
     def block_scores(query_block, block_self_indices, reference, reference_sq, neighbours):
-        squared = (tf.reduce_sum(query_block * query_block, axis=1, keepdims=True)
-                   + reference_sq[None, :]
-                   - 2.0 * tf.matmul(query_block, reference, transpose_b=True))
-        is_self = tf.equal(block_self_indices[:, None], tf.range(tf.shape(reference)[0]))
-        squared = tf.where(is_self, tf.constant(np.inf, tf.float32), squared)
+        squared = squared_distances(query_block, block_self_indices, reference, reference_sq)
         nearest_sq = -tf.math.top_k(-squared, k=neighbours, sorted=False).values
         return tf.reduce_mean(tf.sqrt(tf.maximum(nearest_sq, 0.0)), axis=1)
 

@@ -60,13 +60,9 @@ def kernel_density_scores(queries, reference, bandwidth, self_indices=None, bloc
         self_indices = np.full(len(queries), -1)
     scores = np.empty(len(queries))
     for start in range(0, len(queries), block_rows):
-        block = queries[start:start + block_rows]
-        squared = tf.maximum(tf.reduce_sum(block * block, axis=1, keepdims=True)
-                             + reference_sq[None, :]
-                             - 2.0 * tf.matmul(block, reference, transpose_b=True), 0.0)
-        is_self = tf.equal(np.asarray(self_indices[start:start + block_rows], np.int32)[:, None],
-                           tf.range(tf.shape(reference)[0]))
-        squared = tf.where(is_self, tf.constant(np.inf, tf.float32), squared)
+        block_self = np.asarray(self_indices[start:start + block_rows], np.int32)
+        squared = tf.maximum(gma.squared_distances(queries[start:start + block_rows],
+                                                   block_self, reference, reference_sq), 0.0)
         log_kernel = -squared / (2.0 * bandwidth ** 2)
         scores[start:start + block_rows] = np.log(reference.shape[0]) - tf.reduce_logsumexp(
             log_kernel, axis=1).numpy()
