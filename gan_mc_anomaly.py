@@ -1655,8 +1655,9 @@ def scores_csv(path, names, scores_by_name, thresholds, head):
             writer.writerow(row)
 
 
-def score_with_run(settings):
+def score_with_run(settings, loaded_images=None):
     """Score SCORE_IMAGES with the networks and thresholds of LOAD_RUN; return the results.
+    loaded_images: (images, names) of SCORE_IMAGES when the caller has read them already.
 
     Writes scores.csv, top_anomalies.png and results.json into a new run folder.
     """
@@ -1670,7 +1671,7 @@ def score_with_run(settings):
     started = time.perf_counter()
     run_name = os.path.basename(os.path.normpath(settings["LOAD_RUN"]))
     saved, generator, discriminator = load_trained_run(settings["LOAD_RUN"])
-    images, names = load_images_to_score(settings["SCORE_IMAGES"])
+    images, names = loaded_images or load_images_to_score(settings["SCORE_IMAGES"])
     s = saved["settings"]
     ignored = ignored_when_reusing(settings, s)
     if ignored:
@@ -1751,11 +1752,12 @@ def main(argv=None):
     try:
         check_settings(settings)
         if settings["LOAD_RUN"] is None:
-            if settings["SCORE_IMAGES"] is not None:
-                load_images_to_score(settings["SCORE_IMAGES"])  # fail now, not after training
+            to_score = None
+            if settings["SCORE_IMAGES"] is not None:  # read now, so a bad file fails first
+                to_score = load_images_to_score(settings["SCORE_IMAGES"])
             results = run(settings)
-            if settings["SCORE_IMAGES"] is not None:
-                score_with_run({**settings, "LOAD_RUN": results["run_dir"]})
+            if to_score is not None:
+                score_with_run({**settings, "LOAD_RUN": results["run_dir"]}, to_score)
         else:
             score_with_run(settings)
     except (SettingsError, DataError) as error:

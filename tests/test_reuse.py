@@ -139,9 +139,13 @@ def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
 
 
 def test_training_run_with_score_images_scores_them_after_training(
-        mnist_npz, hand_made_images, tmp_path, caplog):
+        mnist_npz, hand_made_images, tmp_path, caplog, monkeypatch):
     path = tmp_path / "images.npy"
     np.save(path, hand_made_images[0])
+    reads = []
+    original_loader = gma.load_images_to_score
+    monkeypatch.setattr(gma, "load_images_to_score",
+                        lambda p: reads.append(p) or original_loader(p))
     output_dir = tmp_path / "out"
     code = gma.main(["--data-path", mnist_npz, "--output-dir", str(output_dir),
                      "--score-images", str(path), "--normal-digits", "0", "--epochs", "1",
@@ -153,6 +157,7 @@ def test_training_run_with_score_images_scores_them_after_training(
     assert len(folders) == 2 and any("scores_from_" in f for f in folders)
     # The run just trained used every setting given: none of them was ignored.
     assert "ignored" not in caplog.text
+    assert reads == [str(path)]  # read once, before training, and that copy is scored
 
 
 # Each bad input fails with its own message.
