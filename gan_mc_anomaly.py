@@ -774,28 +774,40 @@ def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, 
 
     Batch b draws its latent vectors from the seed (seed, b), then generates and scores them
     in one compiled function. Only the logits and the images asked for are kept, so memory
-    does not grow with `count` beyond 8 bytes a sample.
+    does not grow with `count` beyond 8 bytes a sample. Batches past the kept images run a
+    second compiled function that returns the logits alone, which saves copying out images
+    that nobody reads (a few percent of the scoring time); the logits are the same.
     """
     import tensorflow as tf
 
     batch_size = min(batch_size, count)  # a batch larger than the sample would be wasted
 
-    @tf.function
-    def generate_and_score(batch_seed):
+    def logits_and_pixels(batch_seed):
         noise = tf.random.stateless_normal((batch_size, latent_dim), seed=batch_seed)
         pixels = generator(noise, training=False)
-        return (pixels + 1.0) / 2.0, discriminator(pixels, training=False)[:, 0]
+        return discriminator(pixels, training=False)[:, 0], pixels
+
+    @tf.function
+    def generate_and_score(batch_seed):
+        batch_logits, pixels = logits_and_pixels(batch_seed)
+        return batch_logits, (pixels + 1.0) / 2.0
+
+    @tf.function
+    def score_only(batch_seed):
+        return logits_and_pixels(batch_seed)[0]
 
     logits = np.empty(count, dtype=np.float64)
     images = np.empty((keep_images, IMAGE_PIXELS), dtype=np.float32)
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         batch_seed = tf.constant([seed, start // batch_size], dtype=tf.int64)
-        batch_images, batch_logits = generate_and_score(batch_seed)
-        logits[start:start + n] = batch_logits.numpy()[:n]
         if start < keep_images:
+            batch_logits, batch_images = generate_and_score(batch_seed)
             kept = min(n, keep_images - start)
             images[start:start + kept] = batch_images.numpy()[:kept]
+        else:
+            batch_logits = score_only(batch_seed)
+        logits[start:start + n] = batch_logits.numpy()[:n]
     return logits, images
 
 
