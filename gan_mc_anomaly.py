@@ -515,8 +515,9 @@ def make_gan_class():
             self.trackers = {name: keras.metrics.Mean(name=name)
                              for name in ("d_loss", "g_loss", "d_real", "d_fake")}
             # XLA is applied here rather than through compile(jit_compile=True), which Keras
-            # silently turns off while TensorFlow's op determinism (needed for reproducible
-            # runs) is on. XLA on the CPU is deterministic: a test trains twice and compares.
+            # turns off, with only a warning, while TensorFlow's op determinism (needed for
+            # reproducible runs) is on, because not every op has a deterministic XLA form.
+            # This step's ops do on the CPU: a test trains twice and compares.
             self.one_step = tf.function(self.adversarial_step, jit_compile=True) if xla \
                 else self.adversarial_step
 
@@ -664,20 +665,34 @@ def make_training_callbacks(epochs, csv_path):
     return EpochLog()
 
 
+def xla_for_training(requested):
+    """Return whether to compile the training step with XLA: as requested, except on a Mac
+    whose GPU TensorFlow sees (tensorflow-metal), where XLA is not supported; Keras makes
+    the same exception for its own jit_compile."""
+    import tensorflow as tf
+
+    if requested and platform.system() == "Darwin" and tf.config.list_physical_devices("GPU"):
+        log.warning("XLA does not run on Apple GPUs: training without it, which is slower.")
+        return False
+    return requested
+
+
 def build_gan(settings, steps_per_execution=None, jit_compile=None):
     """Return the compiled GAN built from the settings' widths and optimiser settings.
 
     steps_per_execution and jit_compile default to the measured best (see STEPS_PER_CALL
-    and USE_XLA); the speed benchmark passes other values to compare.
+    and USE_XLA); the speed benchmark passes other values to compare. The GAN's `xla` and
+    `steps_per_call` attributes say what it really uses.
     """
     import keras
 
     precision = settings["PRECISION"]
     generator = build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"], precision)
     discriminator = build_discriminator(settings["DISCRIMINATOR_WIDTHS"], precision)
-    xla = USE_XLA if jit_compile is None else jit_compile
+    xla = xla_for_training(USE_XLA if jit_compile is None else jit_compile)
     gan = make_gan_class()(generator, discriminator, settings["LATENT_DIM"], settings["SEED"],
                            xla)
+    gan.xla, gan.steps_per_call = xla, steps_per_execution or STEPS_PER_CALL
 
     def optimiser():
         adam = keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"])
@@ -688,7 +703,7 @@ def build_gan(settings, steps_per_execution=None, jit_compile=None):
     gan.compile(
         d_optimizer=optimiser(),
         g_optimizer=optimiser(),
-        steps_per_execution=steps_per_execution or STEPS_PER_CALL,
+        steps_per_execution=gan.steps_per_call,
         jit_compile=False,  # the GAN compiles its own step with XLA when asked (see GAN)
     )
     return gan
@@ -706,7 +721,7 @@ def training_dataset(x_train, batch_size, seed):
 
 def train_gan(x_train, settings, run_dir):
     """Train the GAN on x_train (model inputs in [-1, 1]); return (generator, discriminator,
-    per-epoch rows).
+    per-epoch rows, how it was compiled: {"xla": ..., "steps_per_call": ...}).
 
     A NaN or infinite loss, or Ctrl-C, stops training: the models are saved in the run
     folder and a TrainingError says where.
@@ -740,7 +755,8 @@ def train_gan(x_train, settings, run_dir):
             f"stopped. The models from the last finite epoch ({good}) are saved in {folder}"
             f"{'' if good else ' (untrained: no epoch finished cleanly)'}. Try a lower "
             "LEARNING_RATE.")
-    return generator, discriminator, epoch_log.rows
+    compiled = {"xla": gan.xla, "steps_per_call": gan.steps_per_call}
+    return generator, discriminator, epoch_log.rows, compiled
 
 
 # ---------------------------------------------------------------------------------------
@@ -780,6 +796,9 @@ def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, 
     """
     import tensorflow as tf
 
+    if not 0 <= keep_images <= count:
+        raise ValueError(f"keep_images = {keep_images} must be between 0 and the {count} "
+                         "images drawn")
     batch_size = min(batch_size, count)  # a batch larger than the sample would be wasted
 
     def logits_and_pixels(batch_seed):
@@ -1460,7 +1479,7 @@ def run_pipeline(settings, progress):
                     settings["PRECISION"])
     with tf.device(device):
         phase = time.perf_counter()
-        generator, discriminator, epoch_rows = train_gan(
+        generator, discriminator, epoch_rows, compiled = train_gan(
             to_model_input(data["normal_train"]), settings, run_dir)
         timings["training_s"] = time.perf_counter() - phase
         progress["models_dir"] = save_models(generator, discriminator,
@@ -1504,7 +1523,9 @@ def run_pipeline(settings, progress):
         "data": {"source": data["source"], "train_images": data["train_images"],
                  "normal_train_images": len(data["normal_train"]),
                  "validation_images": len(data["validation"]), "test_images": len(x_test)},
-        "training": {"epochs_run": len(epoch_rows), "final_epoch": epoch_rows[-1]},
+        # XLA changes the order of the arithmetic, hence the trained networks: record it.
+        "training": {"epochs_run": len(epoch_rows), "final_epoch": epoch_rows[-1],
+                     **compiled},
         "scores": scores,
         "headline": {"score": head_name, "threshold_from": head_source,
                      "threshold": head_threshold,

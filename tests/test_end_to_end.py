@@ -97,6 +97,12 @@ def test_epoch_log_csv_has_one_finite_row_per_epoch(tiny_run):
                                                       ["d_loss"])
 
 
+def test_results_record_how_the_training_step_was_compiled(tiny_run):
+    # XLA changes the trained networks, so a run must say whether it used it.
+    assert tiny_run["training"]["xla"] is gma.USE_XLA
+    assert tiny_run["training"]["steps_per_call"] == gma.STEPS_PER_CALL
+
+
 def test_saved_models_reproduce_the_recorded_thresholds(tiny_run, mnist_npz):
     import keras
 

@@ -119,13 +119,14 @@ def test_fresh_sample_sets_new_monte_carlo_thresholds(tiny_run, hand_made_images
 
 def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
         mnist_npz, hand_made_images, tmp_path):
-    """Runs written before the NEIGHBOUR_BLUR setting have no such key in results.json;
-    they compared raw pixels, so loading one must do the same and reproduce its saved
-    Monte Carlo thresholds (a blurred redraw would not, and the run would be refused)."""
+    """Runs written before the NEIGHBOUR_BLUR and PRECISION settings have no such keys in
+    results.json; they compared raw pixels and trained in float32, so loading one must do
+    the same and reproduce its saved Monte Carlo thresholds (a blurred redraw would not,
+    and the run would be refused)."""
     old = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path / "runs"),
                     "--neighbour-blur", "0"])
     results_path = os.path.join(old["run_dir"], "results.json")
-    del old["settings"]["NEIGHBOUR_BLUR"]
+    del old["settings"]["NEIGHBOUR_BLUR"], old["settings"]["PRECISION"]
     with open(results_path, "w", encoding="utf-8") as file:
         json.dump(old, file)
     path = tmp_path / "images.npy"
@@ -134,6 +135,7 @@ def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
                            "--output-dir", str(tmp_path / "out")])
     assert code == 0
     assert results["loaded_settings"]["NEIGHBOUR_BLUR"] == 0.0
+    assert results["loaded_settings"]["PRECISION"] == "float32"
     assert results["thresholds"]["nearest_generated"] == (
         old["scores"]["nearest_generated"]["thresholds"]["validation"]["value"])
 

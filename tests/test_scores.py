@@ -60,6 +60,13 @@ def test_monte_carlo_sample_is_reproducible_and_keeps_only_the_images_asked_for(
     np.testing.assert_array_equal(shorter, logits[:600])
 
 
+def test_monte_carlo_sample_refuses_to_keep_more_images_than_it_draws():
+    generator = gma.build_generator(8, (16,))
+    discriminator = gma.build_discriminator((16,))
+    with pytest.raises(ValueError, match="keep_images = 200 must be between 0 and the 100"):
+        gma.monte_carlo_sample(generator, discriminator, 100, 50, 8, seed=0, keep_images=200)
+
+
 def brute_force_distances(queries, reference, neighbours, skip_self=False):
     distances = np.sqrt(((queries[:, None, :] - reference[None, :, :]) ** 2).sum(-1))
     if skip_self:

@@ -75,6 +75,25 @@ def test_training_step_really_compiles_with_xla_while_runs_are_reproducible(recw
     assert gma.USE_XLA and gma.STEPS_PER_CALL > 1  # the measured defaults (benchmarks/speed.py)
 
 
+def test_xla_is_turned_off_with_a_warning_only_on_a_mac_that_has_a_gpu(monkeypatch, caplog):
+    import tensorflow as tf
+
+    import gan_mc_anomaly as gma
+
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["a GPU"] if kind == "GPU" else [])
+    monkeypatch.setattr(gma.platform, "system", lambda: "Linux")
+    assert gma.xla_for_training(True) is True
+    assert gma.xla_for_training(False) is False
+    monkeypatch.setattr(gma.platform, "system", lambda: "Darwin")
+    assert gma.xla_for_training(False) is False
+    assert not caplog.records
+    assert gma.xla_for_training(True) is False
+    assert "XLA does not run on Apple GPUs" in caplog.text
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert gma.xla_for_training(True) is True  # a Mac without a GPU trains on its CPU
+
+
 def test_rates_measured_in_rounds_report_median_lowest_and_highest():
     assert speed.spread([30.0, 10.0, 20.0]) == {"median": 20.0, "low": 10.0, "high": 30.0}
     assert speed.spread([5.0, 7.0]) == {"median": 6.0, "low": 5.0, "high": 7.0}
