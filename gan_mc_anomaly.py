@@ -514,6 +514,7 @@ def make_gan_class():
             self.bce = keras.losses.BinaryCrossentropy(from_logits=True)
             self.trackers = {name: keras.metrics.Mean(name=name)
                              for name in ("d_loss", "g_loss", "d_real", "d_fake")}
+            self.xla = xla
             # XLA is applied here rather than through compile(jit_compile=True), which Keras
             # turns off, with only a warning, while TensorFlow's op determinism (needed for
             # reproducible runs) is on, because not every op has a deterministic XLA form.
@@ -682,7 +683,7 @@ def build_gan(settings, steps_per_execution=None, jit_compile=None):
 
     steps_per_execution and jit_compile default to the measured best (see STEPS_PER_CALL
     and USE_XLA); the speed benchmark passes other values to compare. The GAN's `xla` and
-    `steps_per_call` attributes say what it really uses.
+    `steps_per_execution` attributes say what it really uses.
     """
     import keras
 
@@ -692,7 +693,6 @@ def build_gan(settings, steps_per_execution=None, jit_compile=None):
     xla = xla_for_training(USE_XLA if jit_compile is None else jit_compile)
     gan = make_gan_class()(generator, discriminator, settings["LATENT_DIM"], settings["SEED"],
                            xla)
-    gan.xla, gan.steps_per_call = xla, steps_per_execution or STEPS_PER_CALL
 
     def optimiser():
         adam = keras.optimizers.Adam(settings["LEARNING_RATE"], settings["ADAM_BETA_1"])
@@ -703,7 +703,7 @@ def build_gan(settings, steps_per_execution=None, jit_compile=None):
     gan.compile(
         d_optimizer=optimiser(),
         g_optimizer=optimiser(),
-        steps_per_execution=gan.steps_per_call,
+        steps_per_execution=steps_per_execution or STEPS_PER_CALL,
         jit_compile=False,  # the GAN compiles its own step with XLA when asked (see GAN)
     )
     return gan
@@ -755,7 +755,7 @@ def train_gan(x_train, settings, run_dir):
             f"stopped. The models from the last finite epoch ({good}) are saved in {folder}"
             f"{'' if good else ' (untrained: no epoch finished cleanly)'}. Try a lower "
             "LEARNING_RATE.")
-    compiled = {"xla": gan.xla, "steps_per_call": gan.steps_per_call}
+    compiled = {"xla": gan.xla, "steps_per_call": gan.steps_per_execution}
     return generator, discriminator, epoch_log.rows, compiled
 
 
@@ -792,7 +792,7 @@ def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, 
     in one compiled function. Only the logits and the images asked for are kept, so memory
     does not grow with `count` beyond 8 bytes a sample. Batches past the kept images run a
     second compiled function that returns the logits alone, which saves copying out images
-    that nobody reads (a few percent of the scoring time); the logits are the same.
+    that nobody reads; the logits are the same.
     """
     import tensorflow as tf
 

@@ -53,16 +53,14 @@ def test_neighbour_scoring_rate_scores_real_images():
 
 
 def test_training_step_really_compiles_with_xla_while_runs_are_reproducible(recwarn):
-    # Keras's compile(jit_compile=True) is silently dropped (a UserWarning only) while
-    # TensorFlow's op determinism is on, as it is in every run; the GAN compiles its own step.
-    import keras
+    # Keras drops compile(jit_compile=True), with only a UserWarning, while TensorFlow's op
+    # determinism is on, as it is in every run; the GAN compiles its own step.
     import numpy as np
     import tensorflow as tf
 
     import gan_mc_anomaly as gma
 
-    keras.utils.set_random_seed(0)
-    tf.config.experimental.enable_op_determinism()
+    gma.make_reproducible(0)
     settings = gma.parse_args(["--latent-dim", "4", "--generator-widths", "8",
                                "--discriminator-widths", "8"])
     images = np.random.default_rng(0).uniform(-1, 1, (64, gma.IMAGE_PIXELS)).astype(np.float32)
