@@ -1638,6 +1638,7 @@ def load_trained_run(run_folder):
     saved["settings"].setdefault("NEIGHBOUR_BLUR", 0.0)
     saved["settings"].setdefault("PRECISION", "float32")  # and trained in float32
     s = saved["settings"]
+    check_saved_settings(s, run_folder)
     models = []
     for path in needed[1:]:
         try:
@@ -1664,6 +1665,23 @@ def load_trained_run(run_folder):
                                 f"the run's settings say {wanted}; the models come from "
                                 "another configuration")
     return saved, generator, discriminator
+
+
+def check_saved_settings(saved_settings, run_folder):
+    """Raise SettingsError, naming the setting, when a run's results.json records a value
+    the script cannot score with (a hand-edited file, say), before it fails deep inside.
+
+    The settings that only matter to the run that wrote the file (where its data and output
+    were, what it was asked to load) are checked with their defaults instead."""
+    not_carried = ("DATA_PATH", "LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR")
+    recorded = {k: v for k, v in saved_settings.items()
+                if k in SETTING_NAMES and k not in not_carried}
+    try:
+        check_settings({**default_settings(), **recorded, "DATA_PATH": None,
+                        "LOAD_RUN": None, "SCORE_IMAGES": None, "FRESH_SAMPLE": False})
+    except SettingsError as error:
+        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: its results.json records a "
+                            f"setting this script cannot use. {error}") from None
 
 
 def reference_thresholds(saved, generator, discriminator, settings):

@@ -7,16 +7,22 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY_FLAGS, gma
+from conftest import TINY_FLAGS, gma, run_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import one_class  # noqa: E402
+import other_generators  # noqa: E402
 import score_variants  # noqa: E402
 
 
+def tiny_flags_without_digits():
+    flags = list(TINY_FLAGS)
+    del flags[flags.index("--normal-digits"):flags.index("--normal-digits") + 3]
+    return flags
+
+
 def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mnist_npz):
-    flags = [flag for flag in TINY_FLAGS]
-    flags[flags.index("--normal-digits"):flags.index("--normal-digits") + 3] = []
+    flags = tiny_flags_without_digits()
     output = tmp_path / "bench"
     assert one_class.main(["--data-path", mnist_npz, "--digits", "2", "7", "--output",
                            str(output)] + flags) == 0
@@ -85,3 +91,43 @@ def test_kernel_density_scores_a_copy_lowest_and_never_counts_a_sample_itself():
     np.fill_diagonal(squared, np.inf)
     expected = np.log(30) - np.log(np.exp(-squared / 18.0).sum(axis=1))
     np.testing.assert_allclose(loo, expected, rtol=1e-4)
+
+
+def test_other_generators_benchmark_trains_the_scripts_own_gan(tmp_path, mnist_npz):
+    flags = tiny_flags_without_digits() + ["--epochs", "4"]
+    output = tmp_path / "bench"
+    assert other_generators.main(["--data-path", mnist_npz, "--digits", "7", "--fractions",
+                                  "0.5", "--output", str(output)] + flags) == 0
+
+    with open(output / "other_generators.json") as file:
+        table = json.load(file)
+    assert list(table["digits"]) == ["7"]
+    row = table["digits"]["7"]
+    # The snapshot at half of 4 epochs, from both GANs, and the second GAN's last epoch.
+    assert list(row["thresholds"]) == [
+        other_generators.OWN, "this GAN, epoch 2", "second GAN, epoch 2",
+        "second GAN, epoch 4", other_generators.HELD_OUT]
+    for found in row["thresholds"].values():
+        assert 0.0 <= found["false_alarm"] <= 1.0 and 0.0 <= found["detection"] <= 1.0
+    markdown = (output / "other_generators.md").read_text()
+    assert "| second GAN, epoch 4 | " in markdown
+
+    # The script itself, run with the same settings, must give the same network, hence the
+    # same AUROC and the same Monte Carlo and held-out thresholds.
+    script = run_tiny(["--normal-digits", "7", "--data-path", mnist_npz, "--epochs", "4",
+                       "--output-dir", str(tmp_path / "runs")])
+    own = script["scores"]["nearest_generated"]
+    assert row["auroc"] == pytest.approx(own["auroc"], abs=1e-12)
+    assert row["thresholds"][other_generators.OWN]["threshold"] == pytest.approx(
+        own["thresholds"]["monte_carlo"]["value"], rel=1e-9)
+    assert row["thresholds"][other_generators.HELD_OUT]["threshold"] == pytest.approx(
+        own["thresholds"]["validation"]["value"], rel=1e-9)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5"])
+def test_other_generators_refuses_a_snapshot_outside_training(tmp_path, mnist_npz, fraction,
+                                                             capsys):
+    with pytest.raises(SystemExit):
+        other_generators.main(["--data-path", mnist_npz, "--fractions", fraction,
+                               "--output", str(tmp_path)])
+    assert "each must be in (0, 1]" in capsys.readouterr().err

@@ -269,6 +269,26 @@ def test_corrupt_results_json(tiny_run, tmp_path):
         gma.load_trained_run(str(copy))
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("LATENT_DIM", "8", r"LATENT_DIM = '8' is not valid: expected an integer >= 1"),
+    ("NEIGHBOURS", 0, r"NEIGHBOURS = 0 is not valid: expected an integer >= 1"),
+    ("SCORES", ["nearest"], r"SCORES = \('nearest',\) is not valid"),
+])
+def test_a_hand_edited_setting_in_results_json_is_named(tiny_run, tmp_path, name, value,
+                                                        message):
+    """Before this check, a string LATENT_DIM failed with a TypeError while the models were
+    compared with the settings, and a bad score name with a KeyError while scoring."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    with open(copy / "results.json") as file:
+        saved = json.load(file)
+    saved["settings"][name] = value
+    (copy / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(gma.SettingsError, match="its results.json records a setting this "
+                                                "script cannot use. " + message):
+        gma.load_trained_run(str(copy))
+
+
 def test_corrupt_model_file(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], copy)
