@@ -4,9 +4,11 @@ The script trains a dense generator and discriminator against each other on the 
 the "normal" digits, then draws a large Monte Carlo sample of generated images and scores
 each one: by the discriminator (1 - D(x)) and by its distance to the nearest other generated
 images, both slightly blurred. The anomaly threshold of each score is a high percentile of
-the generated images' scores (the Monte Carlo threshold) or of held-out real normal images.
-Test images that score above the threshold are flagged; images of the digits the GAN never
-saw are the true anomalies, so every run measures how well that works.
+the generated images' scores (the Monte Carlo threshold), of the scores of images drawn by
+the generator as it stood early in training (the early generator's threshold), or of
+held-out real normal images. Test images that score above the threshold are flagged; images
+of the digits the GAN never saw are the true anomalies, so every run measures how well that
+works.
 
 Run it with `python gan_mc_anomaly.py`. Change it by editing the constants below, or
 override any of them from the command line (`python gan_mc_anomaly.py --help`).
@@ -56,6 +58,7 @@ MC_SAMPLES = 100_000  # generated images scored to set the threshold, integer >=
 MC_BATCH_SIZE = 10_000  # generated images per scoring batch (bounds memory), integer >= 1
 PERCENTILE = 95.0  # thresholds = this percentile of generated (or held-out) scores, (0, 100)
 CONFIDENCE = 0.95  # confidence level of the threshold's interval, float in (0, 1)
+EARLY_GENERATOR = 0.25  # threshold from the generator after this share of EPOCHS, [0, 1); 0 = off
 
 # Anomaly scores
 SCORES = ("nearest_generated", "discriminator")  # scores to compute; the first is the headline
@@ -63,7 +66,7 @@ NEIGHBOURS = 5  # generated neighbours averaged by the nearest_generated score, 
 NEIGHBOUR_SAMPLES = 20_000  # generated images kept as neighbours, integer > NEIGHBOURS
 NEIGHBOUR_BLUR = 1.0  # Gaussian blur (pixels) of images before neighbour distances, [0, 5)
 VALIDATION_FRACTION = 0.1  # normal training images held out for a real-data threshold, [0, 0.5)
-CLASSIFY_WITH = "validation"  # threshold that flags test images: "validation" or "monte_carlo"
+CLASSIFY_WITH = "validation"  # flagging threshold: "validation", "monte_carlo", "early_generator"
 
 # Reuse a trained run
 LOAD_RUN = None  # earlier run folder whose models and thresholds score SCORE_IMAGES; no training
@@ -85,14 +88,13 @@ FALLBACK_SPLIT_SEED = 0  # fixed, so the offline split is the same in every run
 SETTING_NAMES = (
     "DATA_PATH", "NORMAL_DIGITS", "LATENT_DIM", "GENERATOR_WIDTHS", "DISCRIMINATOR_WIDTHS",
     "EPOCHS", "BATCH_SIZE", "LEARNING_RATE", "ADAM_BETA_1", "SEED", "DEVICE", "PRECISION",
-    "MC_SAMPLES",
-    "MC_BATCH_SIZE", "PERCENTILE", "CONFIDENCE", "SCORES", "NEIGHBOURS", "NEIGHBOUR_SAMPLES",
-    "NEIGHBOUR_BLUR", "VALIDATION_FRACTION", "CLASSIFY_WITH", "LOAD_RUN", "SCORE_IMAGES",
-    "FRESH_SAMPLE", "OUTPUT_DIR", "SHOW_PLOTS",
+    "MC_SAMPLES", "MC_BATCH_SIZE", "PERCENTILE", "CONFIDENCE", "EARLY_GENERATOR", "SCORES",
+    "NEIGHBOURS", "NEIGHBOUR_SAMPLES", "NEIGHBOUR_BLUR", "VALIDATION_FRACTION",
+    "CLASSIFY_WITH", "LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR", "SHOW_PLOTS",
 )
 KNOWN_SCORES = ("nearest_generated", "discriminator")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # Keras dtype policy names
-THRESHOLD_SOURCES = ("validation", "monte_carlo")
+THRESHOLD_SOURCES = ("validation", "monte_carlo", "early_generator")
 
 log = logging.getLogger("gan_mc_anomaly")
 
@@ -240,6 +242,7 @@ def check_settings(settings):
     _check_int(settings, "MC_BATCH_SIZE", 1)
     _check_interval(settings, "PERCENTILE", 0, 100)
     _check_interval(settings, "CONFIDENCE", 0, 1)
+    _check_interval(settings, "EARLY_GENERATOR", 0, 1, closed_low=True)
 
     scores = settings["SCORES"]
     if (not isinstance(scores, (tuple, list)) or not scores
@@ -263,6 +266,10 @@ def check_settings(settings):
     _check_interval(settings, "VALIDATION_FRACTION", 0, 0.5, closed_low=True)
     if settings["CLASSIFY_WITH"] not in THRESHOLD_SOURCES:
         raise _bad("CLASSIFY_WITH", settings["CLASSIFY_WITH"], f"one of {THRESHOLD_SOURCES}")
+    if settings["CLASSIFY_WITH"] == "early_generator" and settings["EARLY_GENERATOR"] == 0:
+        raise SettingsError("CLASSIFY_WITH = 'early_generator' needs the early generator, but "
+                            "EARLY_GENERATOR = 0 turns it off: expected EARLY_GENERATOR in "
+                            "(0, 1) or another CLASSIFY_WITH.")
     if settings["CLASSIFY_WITH"] == "validation" and settings["VALIDATION_FRACTION"] == 0:
         raise SettingsError("CLASSIFY_WITH = 'validation' needs held-out images, but "
                             "VALIDATION_FRACTION = 0: expected VALIDATION_FRACTION in (0, 0.5) "
@@ -719,9 +726,33 @@ def training_dataset(x_train, batch_size, seed):
             .prefetch(tf.data.AUTOTUNE))
 
 
+def early_generator_epoch(settings):
+    """Return the epoch after which the early generator is kept: EARLY_GENERATOR of EPOCHS,
+    at least the first; 0 when EARLY_GENERATOR is 0."""
+    if settings["EARLY_GENERATOR"] == 0:
+        return 0
+    return max(1, round(settings["EARLY_GENERATOR"] * settings["EPOCHS"]))
+
+
+def make_generator_snapshot(epoch):
+    """Return a callback that copies the generator's weights into its `weights` at the end
+    of `epoch` (counted from 1; 0 copies nothing)."""
+    import keras
+
+    class GeneratorSnapshot(keras.callbacks.Callback):
+        weights = None
+
+        def on_epoch_end(self, index, logs=None):
+            if index + 1 == epoch:
+                self.weights = self.model.generator.get_weights()
+
+    return GeneratorSnapshot()
+
+
 def train_gan(x_train, settings, run_dir):
     """Train the GAN on x_train (model inputs in [-1, 1]); return (generator, discriminator,
-    per-epoch rows, how it was compiled: {"xla": ..., "steps_per_call": ...}).
+    per-epoch rows, how it was compiled: {"xla": ..., "steps_per_call": ...}, the early
+    generator's weights: None when EARLY_GENERATOR is 0).
 
     A NaN or infinite loss, or Ctrl-C, stops training: the models are saved in the run
     folder and a TrainingError says where.
@@ -731,12 +762,13 @@ def train_gan(x_train, settings, run_dir):
     images = training_dataset(x_train, settings["BATCH_SIZE"], settings["SEED"])
     epoch_log = make_training_callbacks(settings["EPOCHS"],
                                         os.path.join(run_dir, "training_log.csv"))
+    early = make_generator_snapshot(early_generator_epoch(settings))
     steps = len(x_train) // settings["BATCH_SIZE"]
     log.info("Training on %d images for %d epochs of %d steps (batch %d).", len(x_train),
              settings["EPOCHS"], steps, settings["BATCH_SIZE"])
 
     try:
-        gan.fit(images, epochs=settings["EPOCHS"], callbacks=[epoch_log], verbose=0,
+        gan.fit(images, epochs=settings["EPOCHS"], callbacks=[epoch_log, early], verbose=0,
                 shuffle=False)  # the dataset shuffles itself, with the seed
     except KeyboardInterrupt:
         folder = save_models(generator, discriminator, os.path.join(run_dir, "interrupted"))
@@ -756,7 +788,7 @@ def train_gan(x_train, settings, run_dir):
             f"{'' if good else ' (untrained: no epoch finished cleanly)'}. Try a lower "
             "LEARNING_RATE.")
     compiled = {"xla": gan.xla, "steps_per_call": gan.steps_per_execution}
-    return generator, discriminator, epoch_log.rows, compiled
+    return generator, discriminator, epoch_log.rows, compiled, early.weights
 
 
 # ---------------------------------------------------------------------------------------
@@ -839,6 +871,32 @@ def draw_monte_carlo(generator, discriminator, settings):
     logits, images = monte_carlo_sample(generator, discriminator, settings["MC_SAMPLES"],
                                         settings["MC_BATCH_SIZE"], settings["LATENT_DIM"],
                                         settings["SEED"], keep_images=keep)
+    return logits, blur(images, settings["NEIGHBOUR_BLUR"])
+
+
+# The early sample's noise comes from the seed SEED + this, which no SEED can be (they stop at
+# 2**32 - 1), so that it never repeats the noise of the Monte Carlo sample.
+EARLY_SEED_OFFSET = 2 ** 32
+
+
+def draw_early_sample(early_generator, discriminator, settings):
+    """Return (logits, images) of NEIGHBOUR_SAMPLES images drawn by the early generator:
+    the generator as it stood after EARLY_GENERATOR of training. The logits are the final
+    discriminator's; the images are blurred as the nearest_generated score compares them,
+    and kept only when that score is computed.
+
+    Why: the final generator's own images lie on the surface it draws, and so do their
+    nearest neighbours in its sample, while real normal images lie a little off it. The
+    early generator drew a coarser surface, so its images lie off the final one much as
+    real images do, and scored against the final sample they stand in for real normal
+    images in a threshold that needs no real image. How far off depends on how early;
+    benchmarks/other_generators.py measured which share of training comes nearest.
+    """
+    count = settings["NEIGHBOUR_SAMPLES"]
+    keep = count if "nearest_generated" in settings["SCORES"] else 0
+    logits, images = monte_carlo_sample(early_generator, discriminator, count,
+                                        settings["MC_BATCH_SIZE"], settings["LATENT_DIM"],
+                                        settings["SEED"] + EARLY_SEED_OFFSET, keep_images=keep)
     return logits, blur(images, settings["NEIGHBOUR_BLUR"])
 
 
@@ -938,6 +996,17 @@ def generated_scores(name, mc_logits, reference, settings):
                                        self_indices=np.arange(len(reference)))
 
 
+def early_generated_scores(name, early_sample, reference, settings):
+    """Return one anomaly score for the early generator's images (early_sample: the logits
+    and blurred images of draw_early_sample): 1 - D(x), or the mean distance to the
+    NEIGHBOURS nearest images of the final generator's reference. They are other images
+    than the reference, so none is skipped."""
+    logits, images = early_sample
+    if name == "discriminator":
+        return anomaly_scores_from_logits(logits)
+    return nearest_generated_distances(images, reference, settings["NEIGHBOURS"])
+
+
 def image_scores(name, discriminator, reference, images, settings):
     """Return one anomaly score for images in [0, 1], shaped (n, 28, 28); higher means less
     like the normal digits: 1 - D(x), or the mean distance from the image, blurred by
@@ -1003,10 +1072,14 @@ def thresholds(name, score_sets, percentile, confidence):
     """Return {source: {"value", "low", "high", "images"}} for each threshold source.
 
     "monte_carlo" is the method's threshold: the percentile of the generated images' scores.
-    "validation" is the same percentile of held-out real images of the normal digits, which
-    training never saw; it is missing when no images were held out.
+    "early_generator" is the same percentile of the early generator's images, scored against
+    the final generator's sample; it is missing when EARLY_GENERATOR is 0. "validation" is
+    the same percentile of held-out real images of the normal digits, which training never
+    saw; it is missing when no images were held out.
     """
-    sources = {"monte_carlo": score_sets["generated"], "validation": score_sets["validation"]}
+    sources = {"monte_carlo": score_sets["generated"],
+               "early_generator": score_sets.get("early_generated", np.empty(0)),
+               "validation": score_sets["validation"]}
     found = {}
     for source, values in sources.items():
         if len(values) == 0:
@@ -1072,7 +1145,7 @@ def evaluate(test_scores, test_labels, normal_digits, threshold):
 
 
 def score_results(name, score_sets, test_labels, normal_digits, settings):
-    """Return one score's results: its Monte Carlo sample summary, both thresholds, its
+    """Return one score's results: its Monte Carlo sample summary, its thresholds, its
     ranking quality and its test results at each threshold."""
     generated = score_sets["generated"]
     percentile, confidence = settings["PERCENTILE"], settings["CONFIDENCE"]
@@ -1098,7 +1171,8 @@ def score_results(name, score_sets, test_labels, normal_digits, settings):
 # ---------------------------------------------------------------------------------------
 
 
-SOURCE_LABELS = {"monte_carlo": "Monte Carlo", "validation": "validation"}
+SOURCE_LABELS = {"monte_carlo": "Monte Carlo", "early_generator": "early generator",
+                 "validation": "validation"}
 
 
 def describe_image(index, test_scores, test_labels, normal_digits, threshold):
@@ -1175,8 +1249,11 @@ def summary_text(results):
         lines.append(f"  precision {test['precision']:.3f}  F1 {test['f1']:.3f}  "
                      f"TP {c['true_positives']}  FP {c['false_positives']}  "
                      f"TN {c['true_negatives']}  FN {c['false_negatives']}")
-    reference = ("held-out real images of the normal digits"
-                 if head["threshold_from"] == "validation" else "the generator's own images")
+    reference = {"validation": "held-out real images of the normal digits",
+                 "monte_carlo": "the generator's own images",
+                 "early_generator": "the images of the generator as it stood after epoch "
+                                    f"{results['training'].get('early_generator_epoch')}",
+                 }[head["threshold_from"]]
     lines += [
         "",
         "What it means:",
@@ -1234,6 +1311,9 @@ def plot_image_grid(images, titles, suptitle, path, columns=8):
     return figure
 
 
+THRESHOLD_LINES = {"monte_carlo": "--", "early_generator": "-.", "validation": ":"}
+
+
 def plot_score_histograms(all_scores, results, is_anomaly, path):
     """One panel per score: generated and test scores, and the thresholds."""
     import matplotlib.pyplot as plt
@@ -1242,18 +1322,21 @@ def plot_score_histograms(all_scores, results, is_anomaly, path):
     figure, axes = plt.subplots(len(names), 1, figsize=(8, 3.8 * len(names)), squeeze=False)
     for axis, name in zip(axes[:, 0], names):
         sets = all_scores[name]
-        everything = np.concatenate([sets["generated"], sets["test"]])
+        early = sets.get("early_generated", np.empty(0))
+        everything = np.concatenate([sets["generated"], early, sets["test"]])
         bins = np.linspace(everything.min(), everything.max(), 80)
         axis.hist(sets["generated"], bins=bins, density=True, alpha=0.45,
                   label="Monte Carlo (generated)")
+        if len(early):
+            axis.hist(early, bins=bins, density=True, alpha=0.3, color="tab:purple",
+                      label="early generator (generated)")
         axis.hist(sets["test"][~is_anomaly], bins=bins, density=True, histtype="step",
                   lw=1.8, label="test: normal digits")
         if is_anomaly.any():
             axis.hist(sets["test"][is_anomaly], bins=bins, density=True, histtype="step",
                       lw=1.8, label="test: anomalous digits")
-        for (source, threshold), style in zip(results["scores"][name]["thresholds"].items(),
-                                              ("--", ":")):
-            axis.axvline(threshold["value"], color="black", ls=style,
+        for source, threshold in results["scores"][name]["thresholds"].items():
+            axis.axvline(threshold["value"], color="black", ls=THRESHOLD_LINES[source],
                          label=f"{SOURCE_LABELS[source]} threshold {threshold['value']:.4g}")
         axis.set_title(f"{name} score (higher = more anomalous)")
         axis.set_ylabel("density")
@@ -1479,11 +1562,18 @@ def run_pipeline(settings, progress):
                     settings["PRECISION"])
     with tf.device(device):
         phase = time.perf_counter()
-        generator, discriminator, epoch_rows, compiled = train_gan(
+        generator, discriminator, epoch_rows, compiled, early_weights = train_gan(
             to_model_input(data["normal_train"]), settings, run_dir)
         timings["training_s"] = time.perf_counter() - phase
         progress["models_dir"] = save_models(generator, discriminator,
                                              os.path.join(run_dir, "models"))
+        early_epoch = early_generator_epoch(settings)
+        if early_weights is not None:
+            early_generator = build_generator(settings["LATENT_DIM"],
+                                              settings["GENERATOR_WIDTHS"],
+                                              settings["PRECISION"])
+            early_generator.set_weights(early_weights)
+            early_generator.save(os.path.join(run_dir, "models", "early_generator.keras"))
 
         phase = time.perf_counter()
         mc_logits, reference = draw_monte_carlo(generator, discriminator, settings)
@@ -1491,6 +1581,11 @@ def run_pipeline(settings, progress):
         log.info("Generated and scored %d Monte Carlo images in %.1f s, keeping %d as "
                  "neighbours.", settings["MC_SAMPLES"], timings["monte_carlo_s"],
                  len(reference))
+        if early_weights is not None:
+            early_sample = draw_early_sample(early_generator, discriminator, settings)
+            log.info("Drew %d images from the generator as it stood after epoch %d of %d, for "
+                     "the early generator's threshold.", settings["NEIGHBOUR_SAMPLES"],
+                     early_epoch, settings["EPOCHS"])
 
         all_scores = {}
         for name in settings["SCORES"]:
@@ -1500,6 +1595,9 @@ def run_pipeline(settings, progress):
                 **{split: image_scores(name, discriminator, reference, images, settings)
                    for split, images in (("validation", data["validation"]),
                                          ("test", x_test))}}
+            if early_weights is not None:
+                all_scores[name]["early_generated"] = early_generated_scores(
+                    name, early_sample, reference, settings)
             timings[f"score_{name}_s"] = time.perf_counter() - phase
             log.info("Scored generated, held-out and test images with the %s score in %.1f s.",
                      name, timings[f"score_{name}_s"])
@@ -1525,7 +1623,7 @@ def run_pipeline(settings, progress):
                  "validation_images": len(data["validation"]), "test_images": len(x_test)},
         # XLA changes the order of the arithmetic, hence the trained networks: record it.
         "training": {"epochs_run": len(epoch_rows), "final_epoch": epoch_rows[-1],
-                     **compiled},
+                     "early_generator_epoch": early_epoch, **compiled},
         "scores": scores,
         "headline": {"score": head_name, "threshold_from": head_source,
                      "threshold": head_threshold,
@@ -1637,6 +1735,7 @@ def load_trained_run(run_folder):
     # Runs written before NEIGHBOUR_BLUR existed compared raw pixels.
     saved["settings"].setdefault("NEIGHBOUR_BLUR", 0.0)
     saved["settings"].setdefault("PRECISION", "float32")  # and trained in float32
+    saved["settings"].setdefault("EARLY_GENERATOR", 0.0)  # and kept no early generator
     s = saved["settings"]
     check_saved_settings(s, run_folder)
     models = []
@@ -1814,9 +1913,11 @@ def score_with_run(settings, loaded_images=None):
     }
     write_json(results, os.path.join(run_dir, "results.json"))
     label = ("of a fresh Monte Carlo sample of generated images" if settings["FRESH_SAMPLE"]
-             else "of held-out real images of the normal digits (the loaded run's threshold)"
-             if source == "validation"
-             else "of the loaded run's Monte Carlo sample of generated images")
+             else {"validation": "of held-out real images of the normal digits (the loaded "
+                                 "run's threshold)",
+                   "monte_carlo": "of the loaded run's Monte Carlo sample of generated images",
+                   "early_generator": "of the loaded run's early generator's images, scored "
+                                      "against its Monte Carlo sample"}[source])
     lines = ["", "=" * 100,
              f"Scored {count_of(len(images), 'image')} from {settings['SCORE_IMAGES']} with "
              f"the run {settings['LOAD_RUN']} (normal digits {list(s['NORMAL_DIGITS'])}).",

@@ -5,8 +5,9 @@ by nearest_generated against the rest of its own sample. Those images lie on the
 that this generator draws, as their neighbours do, so they score lower than real normal
 images, which lie a little off it, and the threshold flags far more than 5% of normal test
 images. A generator trained from another seed, or stopped earlier, draws a slightly
-different surface: its images lie off this generator's surface, as real images do. This
-script measures how far that goes, still without any real image in the threshold.
+different surface: its images lie off this generator's surface, much as real images do.
+This script measures how far that goes, still without any real image in the threshold; the
+script's EARLY_GENERATOR setting was chosen from its table.
 
 For each digit as the only normal class:
 - train the script's GAN exactly as the script does (same seed, same steps), keeping its
@@ -15,8 +16,10 @@ For each digit as the only normal class:
 - draw the script's Monte Carlo sample from the first and score the test set against it
   with nearest_generated, as the script does;
 - set the threshold at the 95th percentile of NEIGHBOUR_SAMPLES images of each other
-  generator (fresh noise), scored against that sample, and report the false alarm and
-  detection rates on the test set beside the script's two thresholds.
+  generator, scored against that sample, and report the false alarm and detection rates on
+  the test set beside the script's Monte Carlo and held-out thresholds. The images' noise
+  comes from the seed SEED + 2, so the row of the script's own early generator differs a
+  little from the script's early generator threshold, which draws other noise.
 
     python benchmarks/other_generators.py --data-path PATH/mnist.npz [--digits 0 1 ...] \\
         [--fractions 0.25 0.5 0.75] [--output benchmarks/results] [any gan_mc_anomaly.py flag]
@@ -107,8 +110,8 @@ def measure_digit(settings, fractions):
         test = gma.image_scores(score, discriminator, reference, data["x_test"], settings)
         validation = gma.image_scores(score, discriminator, reference, data["validation"],
                                       settings)
-        # Each sample draws the same amount of images, as the sample's own scores do, each
-        # a new call of monte_carlo_sample: TensorFlow's notes on retracing are expected.
+        # Each other generator's sample is a new call of monte_carlo_sample, which traces its
+        # compiled functions again; TensorFlow would warn about every one of those retraces.
         tf.get_logger().setLevel("ERROR")
         others = {}
         for label, weights in (("this GAN", own), ("second GAN", second)):

@@ -12,7 +12,7 @@ from conftest import gma, run_tiny
 PROMISED_FILES = [
     "results.json", "training_log.csv", "anomaly.png", "normal.png", "score_histogram.png",
     "generated.png", "top_anomalies.png", "threshold_convergence.png", "roc_curve.png",
-    "models/generator.keras", "models/discriminator.keras",
+    "models/generator.keras", "models/discriminator.keras", "models/early_generator.keras",
 ]
 
 
@@ -46,9 +46,10 @@ def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
     for name, score in tiny_run["scores"].items():
         generated = score["generated"]
         assert generated["min"] <= generated["mean"] <= generated["max"], name
-        assert set(score["thresholds"]) == {"monte_carlo", "validation"}
+        assert list(score["thresholds"]) == ["monte_carlo", "early_generator", "validation"]
         assert score["thresholds"]["validation"]["images"] == tiny_run["data"][
             "validation_images"] == 80  # 10% of the 800 training images of 0 and 1
+        assert score["thresholds"]["early_generator"]["images"] == 1000  # NEIGHBOUR_SAMPLES
         for threshold in score["thresholds"].values():
             assert threshold["low"] <= threshold["value"] <= threshold["high"], name
         mc = score["thresholds"]["monte_carlo"]
@@ -120,6 +121,81 @@ def test_saved_models_reproduce_the_recorded_thresholds(tiny_run, mnist_npz):
                                           rel=1e-5), name
 
 
+def test_saved_early_generator_reproduces_the_recorded_early_thresholds(tiny_run):
+    import keras
+
+    models = os.path.join(tiny_run["run_dir"], "models")
+    early = keras.models.load_model(os.path.join(models, "early_generator.keras"))
+    generator = keras.models.load_model(os.path.join(models, "generator.keras"))
+    discriminator = keras.models.load_model(os.path.join(models, "discriminator.keras"))
+    settings = {k: tuple(v) if isinstance(v, list) else v
+                for k, v in tiny_run["settings"].items()}
+    # Two epochs: a quarter of them rounds to none, so the first epoch's generator is kept.
+    assert tiny_run["training"]["early_generator_epoch"] == 1
+    _, reference = gma.draw_monte_carlo(generator, discriminator, settings)
+    early_sample = gma.draw_early_sample(early, discriminator, settings)
+    assert early_sample[1].shape == (1000, 784)
+    for name, score in tiny_run["scores"].items():
+        scores = gma.early_generated_scores(name, early_sample, reference, settings)
+        threshold = gma.percentile_interval(scores, 95.0, 0.95)[0]
+        assert threshold == pytest.approx(score["thresholds"]["early_generator"]["value"],
+                                          rel=1e-5), name
+
+
+def test_early_generator_is_the_generator_of_a_run_stopped_at_that_epoch(tmp_path, digits):
+    """Keeping the generator after half of four epochs must give exactly the generator that
+    two epochs of the same training give, and not the final one."""
+    x_train = gma.to_model_input(digits[0][digits[1] == 0][:256] / 255.0)
+    settings = gma.parse_args(["--latent-dim", "8", "--generator-widths", "16",
+                               "--discriminator-widths", "16", "--batch-size", "64",
+                               "--seed", "3"])
+
+    def train(epochs, early):
+        gma.make_reproducible(3)
+        return gma.train_gan(x_train, {**settings, "EPOCHS": epochs, "EARLY_GENERATOR": early},
+                             str(tmp_path))
+
+    generator, _, _, _, early_weights = train(4, 0.5)
+    stopped, _, _, _, none_kept = train(2, 0.0)
+    assert none_kept is None
+    for kept, at_two in zip(early_weights, stopped.get_weights()):
+        np.testing.assert_array_equal(kept, at_two)
+    assert not all(np.array_equal(kept, final)
+                   for kept, final in zip(early_weights, generator.get_weights()))
+
+
+def test_without_an_early_generator_there_is_no_early_threshold(tmp_path, mnist_npz):
+    results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
+                        "--early-generator", "0"])
+    assert results["training"]["early_generator_epoch"] == 0
+    for score in results["scores"].values():
+        assert list(score["thresholds"]) == ["monte_carlo", "validation"]
+    assert not os.path.exists(os.path.join(results["run_dir"], "models",
+                                           "early_generator.keras"))
+
+
+def test_classifying_with_the_early_generator_threshold(tmp_path, mnist_npz, capsys):
+    results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
+                        "--classify-with", "early_generator", "--epochs", "4"])
+    head = results["headline"]
+    score = results["scores"]["nearest_generated"]
+    assert head["threshold_from"] == "early_generator"
+    assert head["threshold"] == score["thresholds"]["early_generator"]["value"]
+    assert head["test"] == score["test"]["early_generator"]
+    assert results["training"]["early_generator_epoch"] == 1
+    assert ("past 95% of the images of the generator as it stood after epoch 1"
+            in capsys.readouterr().out)
+
+    # Reused, the run classifies with its early generator's threshold too.
+    images = tmp_path / "images.npy"
+    np.save(images, np.zeros((3, 28, 28), np.uint8))
+    assert gma.main(["--load-run", results["run_dir"], "--score-images", str(images),
+                     "--output-dir", str(tmp_path / "scored")]) == 0
+    printed = capsys.readouterr().out
+    assert "percentile of the loaded run's early generator's images" in printed
+    assert f"threshold {head['threshold']:.4g}: flags" in printed
+
+
 def test_summary_is_printed_with_the_recorded_numbers(tiny_run, capsys):
     text = gma.summary_text(tiny_run)
     for score in tiny_run["scores"].values():
@@ -144,14 +220,15 @@ def test_another_seed_gives_another_threshold(tmp_path, mnist_npz, tiny_run):
 
 
 def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz):
-    # The original setting: every digit is normal, and only the Monte Carlo threshold.
+    # The original setting: every digit is normal, and only generated images set thresholds.
     results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
                         "--normal-digits", *map(str, range(10)), "--epochs", "1",
                         "--validation-fraction", "0", "--classify-with", "monte_carlo"])
     assert results["data"]["validation_images"] == 0
     assert results["headline"]["threshold_from"] == "monte_carlo"
     for score in results["scores"].values():
-        assert "auroc" not in score and list(score["thresholds"]) == ["monte_carlo"]
+        assert "auroc" not in score
+        assert list(score["thresholds"]) == ["monte_carlo", "early_generator"]
         for test in score["test"].values():
             assert test["labelled_anomalies"] == 0 and "detection_rate" not in test
             assert 0.0 <= test["flag_rate"] <= 1.0

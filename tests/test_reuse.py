@@ -119,14 +119,15 @@ def test_fresh_sample_sets_new_monte_carlo_thresholds(tiny_run, hand_made_images
 
 def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
         mnist_npz, hand_made_images, tmp_path):
-    """Runs written before the NEIGHBOUR_BLUR and PRECISION settings have no such keys in
-    results.json; they compared raw pixels and trained in float32, so loading one must do
-    the same and reproduce its saved Monte Carlo thresholds (a blurred redraw would not,
-    and the run would be refused)."""
+    """Runs written before the NEIGHBOUR_BLUR, PRECISION and EARLY_GENERATOR settings have
+    no such keys in results.json; they compared raw pixels, trained in float32 and kept no
+    early generator, so loading one must do the same and reproduce its saved Monte Carlo
+    thresholds (a blurred redraw would not, and the run would be refused)."""
     old = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path / "runs"),
-                    "--neighbour-blur", "0"])
+                    "--neighbour-blur", "0", "--early-generator", "0"])
     results_path = os.path.join(old["run_dir"], "results.json")
-    del old["settings"]["NEIGHBOUR_BLUR"], old["settings"]["PRECISION"]
+    for name in ("NEIGHBOUR_BLUR", "PRECISION", "EARLY_GENERATOR"):
+        del old["settings"][name]
     with open(results_path, "w", encoding="utf-8") as file:
         json.dump(old, file)
     path = tmp_path / "images.npy"
@@ -136,6 +137,7 @@ def test_a_run_saved_before_neighbour_blur_existed_is_scored_in_raw_pixels(
     assert code == 0
     assert results["loaded_settings"]["NEIGHBOUR_BLUR"] == 0.0
     assert results["loaded_settings"]["PRECISION"] == "float32"
+    assert results["loaded_settings"]["EARLY_GENERATOR"] == 0.0
     assert results["thresholds"]["nearest_generated"] == (
         old["scores"]["nearest_generated"]["thresholds"]["validation"]["value"])
 
@@ -276,8 +278,8 @@ def test_corrupt_results_json(tiny_run, tmp_path):
 ])
 def test_a_hand_edited_setting_in_results_json_is_named(tiny_run, tmp_path, name, value,
                                                         message):
-    """Before this check, a string LATENT_DIM failed with a TypeError while the models were
-    compared with the settings, and a bad score name with a KeyError while scoring."""
+    """Before this check, a string LATENT_DIM was reported as models that do not match the
+    settings, and a zero NEIGHBOURS or an unknown score name loaded without complaint."""
     copy = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], copy)
     with open(copy / "results.json") as file:

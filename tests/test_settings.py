@@ -55,6 +55,9 @@ BAD_SETTINGS = [
     ("PERCENTILE", 100.0, "PERCENTILE = 100.0 is not valid: expected a number in \\(0, 100\\)"),
     ("PERCENTILE", 0, "PERCENTILE = 0 is not valid"),
     ("CONFIDENCE", 1.0, "CONFIDENCE = 1.0 is not valid: expected a number in \\(0, 1\\)"),
+    ("EARLY_GENERATOR", 1.0, "EARLY_GENERATOR = 1.0 is not valid: expected a number in "
+                             "\\[0, 1\\)"),
+    ("EARLY_GENERATOR", "0.25", "EARLY_GENERATOR = '0.25' is not valid"),
     ("SCORES", (), "SCORES = \\(\\) is not valid: expected a non-empty tuple of distinct names"),
     ("SCORES", ("nearest",), "SCORES = \\('nearest',\\) is not valid: .*'nearest_generated'"),
     ("NEIGHBOURS", 0, "NEIGHBOURS = 0 is not valid: expected an integer >= 1"),
@@ -69,7 +72,7 @@ BAD_SETTINGS = [
     ("VALIDATION_FRACTION", 0.5, "VALIDATION_FRACTION = 0.5 is not valid: expected a number "
                                  "in \\[0, 0.5\\)"),
     ("CLASSIFY_WITH", "test", "CLASSIFY_WITH = 'test' is not valid: expected one of "
-                              "\\('validation', 'monte_carlo'\\)"),
+                              "\\('validation', 'monte_carlo', 'early_generator'\\)"),
     ("LOAD_RUN", "/no/such/run", "LOAD_RUN = '/no/such/run': no such folder"),
     ("SCORE_IMAGES", "/no/such/images.npy", "SCORE_IMAGES = '/no/such/images.npy': no such "
                                             "file or folder"),
@@ -97,6 +100,15 @@ def test_validation_threshold_needs_held_out_images():
                                                 "images, but VALIDATION_FRACTION = 0"):
         gma.check_settings(settings)
     settings["CLASSIFY_WITH"] = "monte_carlo"
+    assert gma.check_settings(settings) is None
+
+
+def test_early_generator_threshold_needs_the_early_generator():
+    settings = {**with_setting("EARLY_GENERATOR", 0.0), "CLASSIFY_WITH": "early_generator"}
+    with pytest.raises(gma.SettingsError, match="CLASSIFY_WITH = 'early_generator' needs the "
+                                                "early generator, but EARLY_GENERATOR = 0"):
+        gma.check_settings(settings)
+    settings["EARLY_GENERATOR"] = 0.5
     assert gma.check_settings(settings) is None
 
 
