@@ -14,8 +14,6 @@ It writes one_class.md (the table) and one_class.json (every number) into --outp
 
 import argparse
 import datetime
-import json
-import logging
 import os
 import platform
 import sys
@@ -25,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gan_mc_anomaly as gma  # noqa: E402
+import tables  # noqa: E402  (benchmarks/tables.py)
 
 BASELINE = "nearest_training"
 
@@ -90,18 +89,13 @@ def markdown_table(rows, header_lines):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", required=True, help="Keras-format mnist.npz")
-    parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
-                        help="digits to take in turn as the normal class")
-    parser.add_argument("--output", default=os.path.join("benchmarks", "results"),
-                        help="folder for one_class.md, one_class.json and the runs")
+    tables.add_common_arguments(parser, "one_class", also_written=", and the runs in runs/")
     args, script_flags = parser.parse_known_args(argv)
     settings = gma.parse_args(script_flags + ["--data-path", args.data_path, "--output-dir",
                                               os.path.join(args.output, "runs")])
     if settings["CLASSIFY_WITH"] != "validation" or settings["VALIDATION_FRACTION"] == 0:
         parser.error("the benchmark needs held-out images: keep VALIDATION_FRACTION > 0")
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    tables.start_logging()
 
     rows, started = {}, time.perf_counter()
     for digit in args.digits:
@@ -112,27 +106,20 @@ def main(argv=None):
         rows[digit] = digit_row(results, baseline)
     minutes = (time.perf_counter() - started) / 60
 
-    changed = ", ".join(f"{k}={v}" for k, v in settings.items()
-                        if k not in ("NORMAL_DIGITS", "OUTPUT_DIR", "DATA_PATH")
-                        and v != gma.default_settings()[k])
+    changed = tables.changed_settings(settings, gma.default_settings())
     header = [
         f"One-class MNIST: each digit alone is normal, the other nine are anomalies "
         f"({len(args.digits)} digits, {minutes:.1f} minutes).",
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"device {results['device_used']}; settings: {changed or 'the script defaults'}.",
+        f"device {results['device_used']}; settings: {changed}.",
         "Thresholds: val. = 95th percentile of held-out real images of the digit; MC = 95th "
         "percentile of generated images (the Monte Carlo threshold); early gen. = 95th "
         "percentile of the early generator's images, scored against the final sample.",
     ]
-    os.makedirs(args.output, exist_ok=True)
-    table = markdown_table(rows, header)
-    with open(os.path.join(args.output, "one_class.md"), "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(os.path.join(args.output, "one_class.json"), "w", encoding="utf-8") as file:
-        json.dump({"settings": gma.to_json_value(settings), "minutes": minutes,
-                   "machine": platform.machine(), "cores": os.cpu_count(),
-                   "date": str(datetime.date.today()), "digits": rows}, file, indent=2)
-    print(table)
+    tables.save_table(args.output, "one_class", markdown_table(rows, header), {
+        "settings": gma.to_json_value(settings), "minutes": minutes,
+        "machine": platform.machine(), "cores": os.cpu_count(),
+        "date": str(datetime.date.today()), "digits": rows})
     return 0
 
 

@@ -30,7 +30,6 @@ per digit, so it takes about twice as long as benchmarks/one_class.py.
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
@@ -41,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gan_mc_anomaly as gma  # noqa: E402
+import tables  # noqa: E402  (benchmarks/tables.py)
 
 OWN, HELD_OUT = "own sample (MC)", "held-out real (val.)"
 
@@ -158,13 +158,9 @@ def markdown(rows, header):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", required=True, help="Keras-format mnist.npz")
-    parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
-                        help="digits to take in turn as the normal class")
+    tables.add_common_arguments(parser, "other_generators")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                         help="shares of training, in (0, 1], at which generators are kept")
-    parser.add_argument("--output", default=os.path.join("benchmarks", "results"),
-                        help="folder for other_generators.md and other_generators.json")
     args, script_flags = parser.parse_known_args(argv)
     if not all(0 < f <= 1 for f in args.fractions):
         parser.error(f"--fractions {args.fractions}: each must be in (0, 1]")
@@ -172,8 +168,7 @@ def main(argv=None):
     if "nearest_generated" not in settings["SCORES"] or settings["VALIDATION_FRACTION"] == 0:
         parser.error("the benchmark needs the nearest_generated score and held-out images: "
                      "keep it in SCORES and VALIDATION_FRACTION > 0")
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    tables.start_logging()
 
     rows, started = {}, time.perf_counter()
     for digit in args.digits:
@@ -185,31 +180,22 @@ def main(argv=None):
             for source, found in rows[digit]["thresholds"].items()})
     minutes = (time.perf_counter() - started) / 60
 
-    changed = ", ".join(f"{k}={v}" for k, v in settings.items()
-                        if k not in ("NORMAL_DIGITS", "DATA_PATH")
-                        and v != gma.default_settings()[k])
+    changed = tables.changed_settings(settings, gma.default_settings())
     header = [
         f"Monte Carlo thresholds from other generators' images, nearest_generated score "
         f"({len(args.digits)} digits, {minutes:.1f} minutes).",
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores; "
-        f"settings: {changed or 'the script defaults'}; second GAN: seed "
+        f"settings: {changed}; second GAN: seed "
         f"{settings['SEED'] + 1}.",
         "Each cell: false alarm / detection rate on the test set at the 95th percentile of "
         "that source's scores; every generated source is scored against the same sample. "
         "Held-out flagged: the share of the held-out normal images (no test image) above "
         "the threshold.",
     ]
-    os.makedirs(args.output, exist_ok=True)
-    table = markdown(rows, header)
-    with open(os.path.join(args.output, "other_generators.md"), "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(os.path.join(args.output, "other_generators.json"), "w",
-              encoding="utf-8") as file:
-        json.dump({"settings": gma.to_json_value(settings), "fractions": args.fractions,
-                   "minutes": minutes, "machine": platform.machine(),
-                   "cores": os.cpu_count(), "date": str(datetime.date.today()),
-                   "digits": {str(d): row for d, row in rows.items()}}, file, indent=2)
-    print(table)
+    tables.save_table(args.output, "other_generators", markdown(rows, header), {
+        "settings": gma.to_json_value(settings), "fractions": args.fractions,
+        "minutes": minutes, "machine": platform.machine(), "cores": os.cpu_count(),
+        "date": str(datetime.date.today()), "digits": {str(d): row for d, row in rows.items()}})
     return 0
 
 

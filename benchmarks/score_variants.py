@@ -28,7 +28,6 @@ It writes score_variants.md and score_variants.json into --output.
 import argparse
 import datetime
 import glob
-import json
 import logging
 import os
 import platform
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gan_mc_anomaly as gma  # noqa: E402
+import tables  # noqa: E402  (benchmarks/tables.py)
 
 # Gaussian widths in pixels (0 = raw pixels), always including the script's default.
 BLURS = tuple(sorted({0.0, 0.5, 1.0, 1.5, 2.0, gma.NEIGHBOUR_BLUR}))
@@ -186,14 +186,11 @@ def markdown(results, header):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", required=True, help="Keras-format mnist.npz")
+    tables.add_common_arguments(parser, "score_variants", digits=False)
     parser.add_argument("--runs", default=os.path.join("benchmarks", "results", "runs"),
                         help="folder of one-class benchmark runs (one per digit)")
-    parser.add_argument("--output", default=os.path.join("benchmarks", "results"),
-                        help="folder for score_variants.md and score_variants.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    tables.start_logging()
     folders = sorted(os.path.dirname(p)
                      for p in glob.glob(os.path.join(args.runs, "*", "results.json")))
     if not folders:
@@ -212,16 +209,10 @@ def main(argv=None):
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores. "
         "Means over the digits; selection AUROC uses no test image.",
     ]
-    os.makedirs(args.output, exist_ok=True)
-    table = markdown(results, header)
-    with open(os.path.join(args.output, "score_variants.md"), "w", encoding="utf-8") as file:
-        file.write(table)
-    with open(os.path.join(args.output, "score_variants.json"), "w",
-              encoding="utf-8") as file:
-        json.dump({"runs": folders, "minutes": minutes, "date": str(datetime.date.today()),
-                   "machine": platform.machine(), "cores": os.cpu_count(),
-                   "digits": {str(d): v for d, v in results.items()}}, file, indent=2)
-    print(table)
+    tables.save_table(args.output, "score_variants", markdown(results, header), {
+        "runs": folders, "minutes": minutes, "date": str(datetime.date.today()),
+        "machine": platform.machine(), "cores": os.cpu_count(),
+        "digits": {str(d): v for d, v in results.items()}})
     return 0
 
 

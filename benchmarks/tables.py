@@ -1,0 +1,44 @@
+"""What the one-class benchmarks share: their common command-line arguments, and how each
+saves its table as Markdown (to read) and JSON (every number, to compute with)."""
+
+import json
+import logging
+import os
+
+RESULTS = os.path.join("benchmarks", "results")
+
+
+def add_common_arguments(parser, name, digits=True, also_written=""):
+    """Add --data-path, --digits (when the benchmark trains per digit) and --output, whose
+    help names the files `name`.md and `name`.json, and what else is written there."""
+    parser.add_argument("--data-path", required=True, help="Keras-format mnist.npz")
+    if digits:
+        parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)),
+                            help="digits to take in turn as the normal class")
+    parser.add_argument("--output", default=RESULTS,
+                        help=f"folder for {name}.md and {name}.json{also_written}")
+
+
+def save_table(output, name, markdown, numbers):
+    """Write markdown to output/name.md and numbers (plain JSON values) to output/name.json,
+    then print the markdown."""
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, f"{name}.md"), "w", encoding="utf-8") as file:
+        file.write(markdown)
+    with open(os.path.join(output, f"{name}.json"), "w", encoding="utf-8") as file:
+        json.dump(numbers, file, indent=2)
+    print(markdown)
+
+
+def start_logging():
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def changed_settings(settings, default_settings):
+    """Return "NAME=value, ..." for the settings that differ from the script's defaults,
+    leaving out those every benchmark sets itself; "the script defaults" when none do."""
+    own = ("NORMAL_DIGITS", "OUTPUT_DIR", "DATA_PATH")
+    changed = ", ".join(f"{k}={v}" for k, v in settings.items()
+                        if k not in own and v != default_settings[k])
+    return changed or "the script defaults"
