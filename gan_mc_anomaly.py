@@ -270,6 +270,11 @@ def check_settings(settings):
         raise SettingsError("CLASSIFY_WITH = 'early_generator' needs the early generator, but "
                             "EARLY_GENERATOR = 0 turns it off: expected EARLY_GENERATOR in "
                             "(0, 1) or another CLASSIFY_WITH.")
+    if settings["CLASSIFY_WITH"] == "early_generator" and early_generator_epoch(settings) == 0:
+        raise SettingsError(f"CLASSIFY_WITH = 'early_generator' needs an early generator, but "
+                            f"EARLY_GENERATOR = {settings['EARLY_GENERATOR']} of EPOCHS = "
+                            f"{settings['EPOCHS']} falls on the last epoch: expected a smaller "
+                            "EARLY_GENERATOR, more EPOCHS, or another CLASSIFY_WITH.")
     if settings["CLASSIFY_WITH"] == "validation" and settings["VALIDATION_FRACTION"] == 0:
         raise SettingsError("CLASSIFY_WITH = 'validation' needs held-out images, but "
                             "VALIDATION_FRACTION = 0: expected VALIDATION_FRACTION in (0, 0.5) "
@@ -625,6 +630,15 @@ def make_reproducible(seed):
     tf.config.experimental.enable_op_determinism()
 
 
+def save_early_generator(weights, settings, folder):
+    """Save a generator with these weights as folder/early_generator.keras; return it."""
+    early_generator = build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
+                                      settings["PRECISION"])
+    early_generator.set_weights(weights)
+    early_generator.save(os.path.join(folder, "early_generator.keras"))
+    return early_generator
+
+
 def save_models(generator, discriminator, folder):
     """Save both networks in Keras format into folder; return the folder."""
     os.makedirs(folder, exist_ok=True)
@@ -728,10 +742,10 @@ def training_dataset(x_train, batch_size, seed):
 
 def early_generator_epoch(settings):
     """Return the epoch after which the early generator is kept: EARLY_GENERATOR of EPOCHS,
-    at least the first; 0 when EARLY_GENERATOR is 0."""
-    if settings["EARLY_GENERATOR"] == 0:
-        return 0
-    return max(1, round(settings["EARLY_GENERATOR"] * settings["EPOCHS"]))
+    at least the first. 0 means none: when EARLY_GENERATOR is 0, or when that share of
+    EPOCHS falls on the last epoch, whose generator is the final one, not an early one."""
+    epoch = max(1, round(settings["EARLY_GENERATOR"] * settings["EPOCHS"]))
+    return 0 if settings["EARLY_GENERATOR"] == 0 or epoch >= settings["EPOCHS"] else epoch
 
 
 def make_generator_snapshot(epoch):
@@ -768,10 +782,12 @@ def train_gan(x_train, settings, run_dir):
              settings["EPOCHS"], steps, settings["BATCH_SIZE"])
 
     try:
-        gan.fit(images, epochs=settings["EPOCHS"], callbacks=[epoch_log, early], verbose=0,
+        gan.fit(images, epochs=settings["EPOCHS"], callbacks=[early, epoch_log], verbose=0,
                 shuffle=False)  # the dataset shuffles itself, with the seed
     except KeyboardInterrupt:
         folder = save_models(generator, discriminator, os.path.join(run_dir, "interrupted"))
+        if early.weights is not None:
+            save_early_generator(early.weights, settings, folder)
         raise TrainingInterrupted(
             f"Training interrupted after {len(epoch_log.rows)} full epochs. The models as they "
             f"stood are saved in {folder}; the epoch log is in {run_dir}.") from None
@@ -1560,6 +1576,11 @@ def run_pipeline(settings, progress):
         log.warning("PRECISION = %r on the CPU: CPUs rarely compute 16-bit floats faster than "
                     "float32, so this run is likely slower and less precise than float32.",
                     settings["PRECISION"])
+    early_epoch = early_generator_epoch(settings)
+    if early_epoch == 0 and settings["EARLY_GENERATOR"] > 0:
+        log.warning("EARLY_GENERATOR = %g of EPOCHS = %d falls on the last epoch, whose "
+                    "generator is the final one: this run has no early generator threshold.",
+                    settings["EARLY_GENERATOR"], settings["EPOCHS"])
     with tf.device(device):
         phase = time.perf_counter()
         generator, discriminator, epoch_rows, compiled, early_weights = train_gan(
@@ -1567,13 +1588,9 @@ def run_pipeline(settings, progress):
         timings["training_s"] = time.perf_counter() - phase
         progress["models_dir"] = save_models(generator, discriminator,
                                              os.path.join(run_dir, "models"))
-        early_epoch = early_generator_epoch(settings)
         if early_weights is not None:
-            early_generator = build_generator(settings["LATENT_DIM"],
-                                              settings["GENERATOR_WIDTHS"],
-                                              settings["PRECISION"])
-            early_generator.set_weights(early_weights)
-            early_generator.save(os.path.join(run_dir, "models", "early_generator.keras"))
+            early_generator = save_early_generator(early_weights, settings,
+                                                   progress["models_dir"])
 
         phase = time.perf_counter()
         mc_logits, reference = draw_monte_carlo(generator, discriminator, settings)
@@ -1738,6 +1755,7 @@ def load_trained_run(run_folder):
     saved["settings"].setdefault("EARLY_GENERATOR", 0.0)  # and kept no early generator
     s = saved["settings"]
     check_saved_settings(s, run_folder)
+    check_saved_thresholds(saved, run_folder)
     models = []
     for path in needed[1:]:
         try:
@@ -1766,13 +1784,28 @@ def load_trained_run(run_folder):
     return saved, generator, discriminator
 
 
+def load_early_generator(run_folder):
+    """Return the early generator saved in a run folder; raise SettingsError without it."""
+    import keras
+
+    path = os.path.join(run_folder, "models", "early_generator.keras")
+    try:
+        return keras.models.load_model(path)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
+        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r} classifies with its early "
+                            f"generator's threshold, but models/early_generator.keras cannot "
+                            f"be loaded ({type(error).__name__}: {error})") from None
+
+
 def check_saved_settings(saved_settings, run_folder):
     """Raise SettingsError, naming the setting, when a run's results.json records a value
     the script cannot score with (a hand-edited file, say), before it fails deep inside.
 
     The settings that only matter to the run that wrote the file (where its data and output
-    were, what it was asked to load) are checked with their defaults instead."""
-    not_carried = ("DATA_PATH", "LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR")
+    were, what it was asked to load) or that a reused run takes from the command line
+    instead (its device, whether to show plots) are checked with their defaults."""
+    not_carried = ("DATA_PATH", "LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR",
+                   "DEVICE", "SHOW_PLOTS")
     recorded = {k: v for k, v in saved_settings.items()
                 if k in SETTING_NAMES and k not in not_carried}
     try:
@@ -1783,12 +1816,39 @@ def check_saved_settings(saved_settings, run_folder):
                             f"setting this script cannot use. {error}") from None
 
 
+def check_saved_thresholds(saved, run_folder):
+    """Raise SettingsError when a run's results.json lacks a threshold that reusing the run
+    needs: the Monte Carlo one of each score (to check the networks) and the one its
+    CLASSIFY_WITH names (to classify)."""
+    s = saved["settings"]
+    for name in s["SCORES"]:
+        found = saved["scores"].get(name, {}).get("thresholds", {})
+        for source in dict.fromkeys(("monte_carlo", s["CLASSIFY_WITH"])):
+            if not isinstance(found.get(source), dict) or not _is_number(
+                    found[source].get("value")):
+                raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: its results.json has no "
+                                    f"{SOURCE_LABELS[source]} threshold value for the {name} "
+                                    "score; expected one written by this script")
+
+
+def check_redrawn(run_folder, what, name, value, recorded):
+    """Raise SettingsError when a threshold drawn again from a loaded run's networks differs
+    from the one its results.json records."""
+    if not np.isclose(value, recorded, rtol=1e-3, atol=1e-6):
+        raise SettingsError(
+            f"LOAD_RUN = {str(run_folder)!r}: redrawing its {what} gives a {name} threshold "
+            f"of {value:.6g}, but results.json records {recorded:.6g}; the models do not "
+            "belong to these results (or FRESH_SAMPLE is needed on a different machine)")
+
+
 def reference_thresholds(saved, generator, discriminator, settings):
     """Return ({score: threshold}, {score: generated scores}, reference images, source).
 
     Without FRESH_SAMPLE the loaded run's own sample is drawn again from its seed, and its
     Monte Carlo thresholds must come out as saved: that proves the networks and settings
-    belong together. The loaded run's chosen thresholds then classify. With FRESH_SAMPLE, a
+    belong together. When the run classifies with its early generator's threshold, the
+    early generator's sample is drawn again too and checked the same way. The loaded run's
+    chosen thresholds then classify. With FRESH_SAMPLE, a
     new sample of MC_SAMPLES images from SEED (the values given now) sets Monte Carlo
     thresholds, which classify.
     """
@@ -1809,15 +1869,18 @@ def reference_thresholds(saved, generator, discriminator, settings):
     if fresh:
         return mc_thresholds, generated, reference, "monte_carlo"
 
+    run_folder = settings["LOAD_RUN"]
     for name, value in mc_thresholds.items():
-        recorded = saved["scores"][name]["thresholds"]["monte_carlo"]["value"]
-        if not np.isclose(value, recorded, rtol=1e-3, atol=1e-6):
-            raise SettingsError(
-                f"LOAD_RUN = {settings['LOAD_RUN']!r}: redrawing its Monte Carlo sample gives a "
-                f"{name} threshold of {value:.6g}, but results.json records {recorded:.6g}; "
-                "the models do not belong to these results (or FRESH_SAMPLE is needed on a "
-                "different machine)")
+        check_redrawn(run_folder, "Monte Carlo sample", name, value,
+                      saved["scores"][name]["thresholds"]["monte_carlo"]["value"])
     source = s["CLASSIFY_WITH"]
+    if source == "early_generator":
+        early_sample = draw_early_sample(load_early_generator(run_folder), discriminator, s)
+        for name in s["SCORES"]:
+            value = percentile_interval(early_generated_scores(name, early_sample, reference, s),
+                                        s["PERCENTILE"], s["CONFIDENCE"])[0]
+            check_redrawn(run_folder, "early generator's sample", name, value,
+                          saved["scores"][name]["thresholds"]["early_generator"]["value"])
     return ({name: saved["scores"][name]["thresholds"][source]["value"] for name in s["SCORES"]},
             generated, reference, source)
 

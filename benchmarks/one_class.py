@@ -44,7 +44,7 @@ def baseline_results(data, settings):
 
 
 def digit_row(results, baseline):
-    """Return the table row of one digit: per score, AUROC and rates at both thresholds."""
+    """Return the table row of one digit: per score, AUROC and rates at each threshold."""
     row = {}
     for name, score in results["scores"].items():
         row[name] = {"auroc": score["auroc"]}

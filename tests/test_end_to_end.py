@@ -195,6 +195,16 @@ def test_classifying_with_the_early_generator_threshold(tmp_path, mnist_npz, cap
     assert "percentile of the loaded run's early generator's images" in printed
     assert f"threshold {head['threshold']:.4g}: flags" in printed
 
+    # Its early generator's threshold is checked like the Monte Carlo one: an untrained
+    # early generator in its place does not reproduce it.
+    gma.build_generator(8, (32,)).save(os.path.join(results["run_dir"], "models",
+                                                     "early_generator.keras"))
+    with pytest.raises(gma.SettingsError, match="redrawing its early generator's sample gives "
+                                                "a nearest_generated threshold of"):
+        gma.score_with_run({**gma.default_settings(), "LOAD_RUN": results["run_dir"],
+                            "SCORE_IMAGES": str(images),
+                            "OUTPUT_DIR": str(tmp_path / "scored")})
+
 
 def test_summary_is_printed_with_the_recorded_numbers(tiny_run, capsys):
     text = gma.summary_text(tiny_run)
@@ -219,16 +229,19 @@ def test_another_seed_gives_another_threshold(tmp_path, mnist_npz, tiny_run):
                 != tiny_run["scores"][name]["thresholds"]["monte_carlo"]["value"])
 
 
-def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz):
-    # The original setting: every digit is normal, and only generated images set thresholds.
+def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz, caplog):
+    # The original setting: every digit is normal, and only the Monte Carlo threshold: one
+    # epoch leaves no epoch before the last to keep an early generator from.
     results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
                         "--normal-digits", *map(str, range(10)), "--epochs", "1",
                         "--validation-fraction", "0", "--classify-with", "monte_carlo"])
+    assert results["training"]["early_generator_epoch"] == 0
+    assert ("EARLY_GENERATOR = 0.25 of EPOCHS = 1 falls on the last epoch, whose generator is "
+            "the final one: this run has no early generator threshold.") in caplog.text
     assert results["data"]["validation_images"] == 0
     assert results["headline"]["threshold_from"] == "monte_carlo"
     for score in results["scores"].values():
-        assert "auroc" not in score
-        assert list(score["thresholds"]) == ["monte_carlo", "early_generator"]
+        assert "auroc" not in score and list(score["thresholds"]) == ["monte_carlo"]
         for test in score["test"].values():
             assert test["labelled_anomalies"] == 0 and "detection_rate" not in test
             assert 0.0 <= test["flag_rate"] <= 1.0
@@ -282,6 +295,8 @@ def test_ctrl_c_saves_the_models_and_says_where(tmp_path, mnist_npz, monkeypatch
     run_dir = os.path.join(output_dir, os.listdir(output_dir)[0])
     assert os.path.isfile(os.path.join(run_dir, "interrupted", "generator.keras"))
     assert os.path.isfile(os.path.join(run_dir, "interrupted", "discriminator.keras"))
+    # A quarter of 5 epochs is the first: its generator was kept before the interruption.
+    assert os.path.isfile(os.path.join(run_dir, "interrupted", "early_generator.keras"))
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
 
 

@@ -291,6 +291,19 @@ def test_a_hand_edited_setting_in_results_json_is_named(tiny_run, tmp_path, name
         gma.load_trained_run(str(copy))
 
 
+def test_a_results_json_without_the_monte_carlo_threshold_is_named(tiny_run, tmp_path):
+    """Before this check, reusing such a run failed with a KeyError."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    with open(copy / "results.json") as file:
+        saved = json.load(file)
+    del saved["scores"]["discriminator"]["thresholds"]["monte_carlo"]
+    (copy / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(gma.SettingsError, match="its results.json has no Monte Carlo threshold "
+                                                "value for the discriminator score"):
+        gma.load_trained_run(str(copy))
+
+
 def test_corrupt_model_file(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(tiny_run["run_dir"], copy)

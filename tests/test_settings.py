@@ -110,6 +110,10 @@ def test_early_generator_threshold_needs_the_early_generator():
         gma.check_settings(settings)
     settings["EARLY_GENERATOR"] = 0.5
     assert gma.check_settings(settings) is None
+    settings["EPOCHS"] = 1  # half of one epoch rounds to the last: no early generator
+    with pytest.raises(gma.SettingsError, match="EARLY_GENERATOR = 0.5 of EPOCHS = 1 falls on "
+                                                "the last epoch: expected a smaller"):
+        gma.check_settings(settings)
 
 
 def test_data_path_that_is_a_folder(tmp_path):
