@@ -748,25 +748,27 @@ def early_generator_epoch(settings):
     return 0 if settings["EARLY_GENERATOR"] == 0 or epoch >= settings["EPOCHS"] else epoch
 
 
-def make_generator_snapshot(epoch):
-    """Return a callback that copies the generator's weights into its `weights` at the end
-    of `epoch` (counted from 1; 0 copies nothing)."""
+def make_generator_snapshots(epochs):
+    """Return a callback that copies the generator's weights into its `weights`, a dict
+    keyed by epoch, at the end of each of `epochs` (counted from 1)."""
     import keras
 
-    class GeneratorSnapshot(keras.callbacks.Callback):
-        weights = None
+    class GeneratorSnapshots(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.weights = {}
 
         def on_epoch_end(self, index, logs=None):
-            if index + 1 == epoch:
-                self.weights = self.model.generator.get_weights()
+            if index + 1 in epochs:
+                self.weights[index + 1] = self.model.generator.get_weights()
 
-    return GeneratorSnapshot()
+    return GeneratorSnapshots()
 
 
 def train_gan(x_train, settings, run_dir):
     """Train the GAN on x_train (model inputs in [-1, 1]); return (generator, discriminator,
     per-epoch rows, how it was compiled: {"xla": ..., "steps_per_call": ...}, the early
-    generator's weights: None when EARLY_GENERATOR is 0).
+    generator's weights: None when there is none, see early_generator_epoch).
 
     A NaN or infinite loss, or Ctrl-C, stops training: the models are saved in the run
     folder and a TrainingError says where.
@@ -776,18 +778,19 @@ def train_gan(x_train, settings, run_dir):
     images = training_dataset(x_train, settings["BATCH_SIZE"], settings["SEED"])
     epoch_log = make_training_callbacks(settings["EPOCHS"],
                                         os.path.join(run_dir, "training_log.csv"))
-    early = make_generator_snapshot(early_generator_epoch(settings))
+    early_epoch = early_generator_epoch(settings)
+    snapshots = make_generator_snapshots({early_epoch} - {0})
     steps = len(x_train) // settings["BATCH_SIZE"]
     log.info("Training on %d images for %d epochs of %d steps (batch %d).", len(x_train),
              settings["EPOCHS"], steps, settings["BATCH_SIZE"])
 
     try:
-        gan.fit(images, epochs=settings["EPOCHS"], callbacks=[early, epoch_log], verbose=0,
-                shuffle=False)  # the dataset shuffles itself, with the seed
+        gan.fit(images, epochs=settings["EPOCHS"], callbacks=[snapshots, epoch_log],
+                verbose=0, shuffle=False)  # the dataset shuffles itself, with the seed
     except KeyboardInterrupt:
         folder = save_models(generator, discriminator, os.path.join(run_dir, "interrupted"))
-        if early.weights is not None:
-            save_early_generator(early.weights, settings, folder)
+        if early_epoch in snapshots.weights:
+            save_early_generator(snapshots.weights[early_epoch], settings, folder)
         raise TrainingInterrupted(
             f"Training interrupted after {len(epoch_log.rows)} full epochs. The models as they "
             f"stood are saved in {folder}; the epoch log is in {run_dir}.") from None
@@ -804,7 +807,7 @@ def train_gan(x_train, settings, run_dir):
             f"{'' if good else ' (untrained: no epoch finished cleanly)'}. Try a lower "
             "LEARNING_RATE.")
     compiled = {"xla": gan.xla, "steps_per_call": gan.steps_per_execution}
-    return generator, discriminator, epoch_log.rows, compiled, early.weights
+    return generator, discriminator, epoch_log.rows, compiled, snapshots.weights.get(early_epoch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1089,7 +1092,7 @@ def thresholds(name, score_sets, percentile, confidence):
 
     "monte_carlo" is the method's threshold: the percentile of the generated images' scores.
     "early_generator" is the same percentile of the early generator's images, scored against
-    the final generator's sample; it is missing when EARLY_GENERATOR is 0. "validation" is
+    the final generator's sample; it is missing without an early generator. "validation" is
     the same percentile of held-out real images of the normal digits, which training never
     saw; it is missing when no images were held out.
     """
@@ -1756,14 +1759,7 @@ def load_trained_run(run_folder):
     s = saved["settings"]
     check_saved_settings(s, run_folder)
     check_saved_thresholds(saved, run_folder)
-    models = []
-    for path in needed[1:]:
-        try:
-            models.append(keras.models.load_model(os.path.join(run_folder, path)))
-        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
-            raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: {path} cannot be loaded "
-                                f"as a Keras model ({type(error).__name__}: {error})")
-    generator, discriminator = models
+    generator, discriminator = (load_run_model(run_folder, path) for path in needed[1:])
 
     def dense_widths(model):
         return tuple(layer.units for layer in model.layers
@@ -1784,17 +1780,16 @@ def load_trained_run(run_folder):
     return saved, generator, discriminator
 
 
-def load_early_generator(run_folder):
-    """Return the early generator saved in a run folder; raise SettingsError without it."""
+def load_run_model(run_folder, path):
+    """Return the Keras model at path inside a run folder; raise SettingsError naming the
+    file when it is missing or cannot be loaded."""
     import keras
 
-    path = os.path.join(run_folder, "models", "early_generator.keras")
     try:
-        return keras.models.load_model(path)
+        return keras.models.load_model(os.path.join(run_folder, path))
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
-        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r} classifies with its early "
-                            f"generator's threshold, but models/early_generator.keras cannot "
-                            f"be loaded ({type(error).__name__}: {error})") from None
+        raise SettingsError(f"LOAD_RUN = {str(run_folder)!r}: {path} cannot be loaded as a "
+                            f"Keras model ({type(error).__name__}: {error})") from None
 
 
 def check_saved_settings(saved_settings, run_folder):
@@ -1804,8 +1799,7 @@ def check_saved_settings(saved_settings, run_folder):
     The settings that only matter to the run that wrote the file (where its data and output
     were, what it was asked to load) or that a reused run takes from the command line
     instead (its device, whether to show plots) are checked with their defaults."""
-    not_carried = ("DATA_PATH", "LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR",
-                   "DEVICE", "SHOW_PLOTS")
+    not_carried = ("DATA_PATH", *REUSE_SETTINGS)
     recorded = {k: v for k, v in saved_settings.items()
                 if k in SETTING_NAMES and k not in not_carried}
     try:
@@ -1848,9 +1842,8 @@ def reference_thresholds(saved, generator, discriminator, settings):
     Monte Carlo thresholds must come out as saved: that proves the networks and settings
     belong together. When the run classifies with its early generator's threshold, the
     early generator's sample is drawn again too and checked the same way. The loaded run's
-    chosen thresholds then classify. With FRESH_SAMPLE, a
-    new sample of MC_SAMPLES images from SEED (the values given now) sets Monte Carlo
-    thresholds, which classify.
+    chosen thresholds then classify. With FRESH_SAMPLE, a new sample of MC_SAMPLES images
+    from SEED (the values given now) sets Monte Carlo thresholds, which classify.
     """
     s = saved["settings"]
     fresh = settings["FRESH_SAMPLE"]
@@ -1875,7 +1868,9 @@ def reference_thresholds(saved, generator, discriminator, settings):
                       saved["scores"][name]["thresholds"]["monte_carlo"]["value"])
     source = s["CLASSIFY_WITH"]
     if source == "early_generator":
-        early_sample = draw_early_sample(load_early_generator(run_folder), discriminator, s)
+        early_generator = load_run_model(run_folder,
+                                         os.path.join("models", "early_generator.keras"))
+        early_sample = draw_early_sample(early_generator, discriminator, s)
         for name in s["SCORES"]:
             value = percentile_interval(early_generated_scores(name, early_sample, reference, s),
                                         s["PERCENTILE"], s["CONFIDENCE"])[0]

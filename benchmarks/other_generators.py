@@ -48,24 +48,15 @@ OWN, HELD_OUT = "own sample (MC)", "held-out real (val.)"
 def train_with_snapshots(x_train, settings, snapshot_epochs):
     """Train the script's GAN on x_train (model inputs) as train_gan does; return it and
     {epoch: generator weights} at snapshot_epochs and at the last epoch."""
-    import keras
-
     gma.make_reproducible(settings["SEED"])  # as the script does before it trains
     gan = gma.build_gan(settings)
-    snapshots = {}
-
-    class Snapshot(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch + 1 in snapshot_epochs:
-                snapshots[epoch + 1] = gan.generator.get_weights()
-
+    snapshots = gma.make_generator_snapshots({*snapshot_epochs, settings["EPOCHS"]})
     started = time.perf_counter()
     gan.fit(gma.training_dataset(x_train, settings["BATCH_SIZE"], settings["SEED"]),
-            epochs=settings["EPOCHS"], callbacks=[Snapshot()], verbose=0, shuffle=False)
-    snapshots[settings["EPOCHS"]] = gan.generator.get_weights()
+            epochs=settings["EPOCHS"], callbacks=[snapshots], verbose=0, shuffle=False)
     logging.info("Trained the GAN of seed %d for %d epochs in %.0f s.", settings["SEED"],
                  settings["EPOCHS"], time.perf_counter() - started)
-    return gan, snapshots
+    return gan, snapshots.weights
 
 
 def blurred_sample(weights, discriminator, settings, seed):
