@@ -58,7 +58,7 @@ MC_SAMPLES = 100_000  # generated images scored to set the threshold, integer >=
 MC_BATCH_SIZE = 10_000  # generated images per scoring batch (bounds memory), integer >= 1
 PERCENTILE = 95.0  # thresholds = this percentile of generated (or held-out) scores, (0, 100)
 CONFIDENCE = 0.95  # confidence level of the threshold's interval, float in (0, 1)
-EARLY_GENERATOR = 0.25  # threshold from the generator after this share of EPOCHS, [0, 1); 0 = off
+EARLY_GENERATOR = 0.125  # threshold from the generator after this share of EPOCHS, [0, 1); 0 = off
 
 # Anomaly scores
 SCORES = ("nearest_generated", "discriminator")  # scores to compute; the first is the headline
@@ -1166,17 +1166,20 @@ def evaluate(test_scores, test_labels, normal_digits, threshold):
 def score_results(name, score_sets, test_labels, normal_digits, settings):
     """Return one score's results: its Monte Carlo sample summary, its thresholds, its
     ranking quality and its test results at each threshold."""
-    generated = score_sets["generated"]
     percentile, confidence = settings["PERCENTILE"], settings["CONFIDENCE"]
     found = thresholds(name, score_sets, percentile, confidence)
+
+    def summary(values):
+        return {"samples": len(values), "mean": float(values.mean()),
+                "min": float(values.min()), "max": float(values.max()),
+                "convergence": [dict(zip(("samples", "threshold", "low", "high"), row))
+                                for row in threshold_convergence(values, percentile,
+                                                                 confidence)]}
+
+    early = score_sets.get("early_generated", np.empty(0))
     return {
-        "generated": {
-            "samples": len(generated), "mean": float(generated.mean()),
-            "min": float(generated.min()), "max": float(generated.max()),
-            "convergence": [dict(zip(("samples", "threshold", "low", "high"), row))
-                            for row in threshold_convergence(generated, percentile,
-                                                             confidence)],
-        },
+        "generated": summary(score_sets["generated"]),
+        **({"early_generated": summary(early)} if len(early) else {}),
         "thresholds": found,
         **ranking_quality(score_sets["test"], ~np.isin(test_labels, normal_digits)),
         "test": {source: evaluate(score_sets["test"], test_labels, normal_digits,
@@ -1366,21 +1369,28 @@ def plot_score_histograms(all_scores, results, is_anomaly, path):
 
 
 def plot_convergence(results, percentile, path):
-    """One panel per score: the Monte Carlo threshold and its interval against sample size."""
+    """One panel per score: the Monte Carlo threshold and its interval against sample size,
+    and the early generator's beside it when the run has one."""
     import matplotlib.pyplot as plt
 
     names = list(results["scores"])
     figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for axis, name in zip(axes[0], names):
-        rows = results["scores"][name]["generated"]["convergence"]
-        sizes = [row["samples"] for row in rows]
-        unbounded_as_nan = [[np.nan if row[side] is None else row[side] for row in rows]
-                            for side in ("low", "high")]
-        axis.fill_between(sizes, *unbounded_as_nan, alpha=0.3, label="confidence interval")
-        axis.plot(sizes, [row["threshold"] for row in rows], marker="o",
-                  label=f"{percentile:g}th percentile")
+        for sample, label, colour in (("generated", "Monte Carlo", "tab:blue"),
+                                      ("early_generated", "early generator", "tab:purple")):
+            if sample not in results["scores"][name]:
+                continue  # no early generator in this run
+            rows = results["scores"][name][sample]["convergence"]
+            sizes = [row["samples"] for row in rows]
+            unbounded_as_nan = [[np.nan if row[side] is None else row[side] for row in rows]
+                                for side in ("low", "high")]
+            axis.fill_between(sizes, *unbounded_as_nan, alpha=0.25, color=colour,
+                              label=f"{label}: {100 * results['settings']['CONFIDENCE']:g}% "
+                                    "interval")
+            axis.plot(sizes, [row["threshold"] for row in rows], marker="o", color=colour,
+                      label=f"{label}: {percentile:g}th percentile")
         axis.set_xscale("log")
-        axis.set_xlabel("scored Monte Carlo samples used")
+        axis.set_xlabel("scored generated images used")
         axis.set_ylabel("threshold")
         axis.set_title(f"{name}: threshold as samples accumulate", fontsize=10)
         axis.legend(fontsize=8)

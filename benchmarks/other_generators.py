@@ -11,8 +11,8 @@ script's EARLY_GENERATOR setting was chosen from its table.
 
 For each digit as the only normal class:
 - train the script's GAN exactly as the script does (same seed, same steps), keeping its
-  generator at the --fractions of training, and a second GAN from seed SEED + 1 with the
-  same snapshots;
+  generator at the --fractions of training, and (unless --no-second-gan) a second GAN from
+  seed SEED + 1 with the same snapshots;
 - draw the script's Monte Carlo sample from the first and score the test set against it
   with nearest_generated, as the script does;
 - set the threshold at the 95th percentile of NEIGHBOUR_SAMPLES images of each other
@@ -22,10 +22,12 @@ For each digit as the only normal class:
   little from the script's early generator threshold, which draws other noise.
 
     python benchmarks/other_generators.py --data-path PATH/mnist.npz [--digits 0 1 ...] \\
-        [--fractions 0.25 0.5 0.75] [--output benchmarks/results] [any gan_mc_anomaly.py flag]
+        [--fractions 0.25 0.5 0.75] [--no-second-gan] [--output benchmarks/results] \\
+        [any gan_mc_anomaly.py flag]
 
 It writes other_generators.md and other_generators.json into --output. It trains two GANs
-per digit, so it takes about twice as long as benchmarks/one_class.py.
+per digit, so it takes about twice as long as benchmarks/one_class.py; with --no-second-gan
+(to compare many fractions of one GAN) about as long.
 """
 
 import argparse
@@ -81,8 +83,9 @@ def rates(test_scores, is_normal, validation_scores, threshold):
             "held_out_flagged": float(np.mean(validation_scores > threshold))}
 
 
-def measure_digit(settings, fractions):
-    """Return {"auroc": ..., "thresholds": {source: rates}} for the settings' one digit."""
+def measure_digit(settings, fractions, second_gan=True):
+    """Return {"auroc": ..., "thresholds": {source: rates}} for the settings' one digit; the
+    second GAN is trained, and its generators scored, only when second_gan is true."""
     import tensorflow as tf
 
     data = gma.prepare_data(settings)
@@ -92,8 +95,10 @@ def measure_digit(settings, fractions):
     device = gma.resolve_device(settings["DEVICE"])
     with tf.device(device):
         gan, own = train_with_snapshots(x_train, settings, snapshot_epochs)
-        _, second = train_with_snapshots(x_train, {**settings, "SEED": settings["SEED"] + 1},
-                                         snapshot_epochs)
+        generators = {"this GAN": own}
+        if second_gan:
+            _, generators["second GAN"] = train_with_snapshots(
+                x_train, {**settings, "SEED": settings["SEED"] + 1}, snapshot_epochs)
         discriminator = gan.discriminator
         mc_logits, reference = gma.draw_monte_carlo(gan.generator, discriminator, settings)
         score = "nearest_generated"
@@ -105,7 +110,7 @@ def measure_digit(settings, fractions):
         # compiled functions again; TensorFlow would warn about every one of those retraces.
         tf.get_logger().setLevel("ERROR")
         others = {}
-        for label, weights in (("this GAN", own), ("second GAN", second)):
+        for label, weights in generators.items():
             for epoch in sorted(weights):
                 if label == "this GAN" and epoch == epochs:
                     continue  # that is the sample itself: the script's own threshold
@@ -152,6 +157,9 @@ def main(argv=None):
     tables.add_common_arguments(parser, "other_generators")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                         help="shares of training, in (0, 1], at which generators are kept")
+    parser.add_argument("--no-second-gan", action="store_true",
+                        help="train only the script's GAN (half the time), not one of seed "
+                             "SEED + 1")
     args, script_flags = parser.parse_known_args(argv)
     if not all(0 < f <= 1 for f in args.fractions):
         parser.error(f"--fractions {args.fractions}: each must be in (0, 1]")
@@ -165,19 +173,20 @@ def main(argv=None):
     for digit in args.digits:
         digit_settings = {**settings, "NORMAL_DIGITS": (digit,)}
         gma.check_settings(digit_settings)
-        rows[digit] = measure_digit(digit_settings, args.fractions)
+        rows[digit] = measure_digit(digit_settings, args.fractions, not args.no_second_gan)
         logging.info("Digit %d: %s", digit, {
             source: f"{found['false_alarm']:.1%}"
             for source, found in rows[digit]["thresholds"].items()})
     minutes = (time.perf_counter() - started) / 60
 
     changed = tables.changed_settings(settings, gma.default_settings())
+    second = ("no second GAN" if args.no_second_gan
+              else f"second GAN: seed {settings['SEED'] + 1}")
     header = [
         f"Monte Carlo thresholds from other generators' images, nearest_generated score "
         f"({len(args.digits)} digits, {minutes:.1f} minutes).",
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores; "
-        f"settings: {changed}; second GAN: seed "
-        f"{settings['SEED'] + 1}.",
+        f"settings: {changed}; {second}.",
         "Each cell: false alarm / detection rate on the test set at the 95th percentile of "
         "that source's scores; every generated source is scored against the same sample. "
         "Held-out flagged: the share of the held-out normal images (no test image) above "
@@ -185,6 +194,7 @@ def main(argv=None):
     ]
     tables.save_table(args.output, "other_generators", markdown(rows, header), {
         "settings": gma.to_json_value(settings), "fractions": args.fractions,
+        "second_gan": not args.no_second_gan,
         "minutes": minutes, "machine": platform.machine(), "cores": os.cpu_count(),
         "date": str(datetime.date.today()), "digits": {str(d): row for d, row in rows.items()}})
     return 0

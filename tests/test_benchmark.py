@@ -124,6 +124,22 @@ def test_other_generators_benchmark_trains_the_scripts_own_gan(tmp_path, mnist_n
         own["thresholds"]["validation"]["value"], rel=1e-9)
 
 
+def test_other_generators_without_a_second_gan_scores_only_the_scripts_snapshots(tmp_path,
+                                                                              mnist_npz):
+    output = tmp_path / "bench"
+    assert other_generators.main(["--data-path", mnist_npz, "--digits", "3", "--fractions",
+                                  "0.25", "0.5", "--no-second-gan", "--output", str(output)]
+                                 + tiny_flags_without_digits() + ["--epochs", "4"]) == 0
+
+    with open(output / "other_generators.json") as file:
+        table = json.load(file)
+    assert table["second_gan"] is False
+    assert list(table["digits"]["3"]["thresholds"]) == [
+        other_generators.OWN, "this GAN, epoch 1", "this GAN, epoch 2",
+        other_generators.HELD_OUT]
+    assert "no second GAN." in (output / "other_generators.md").read_text()
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
 def test_other_generators_refuses_a_snapshot_outside_training(tmp_path, mnist_npz, fraction,
                                                              capsys):

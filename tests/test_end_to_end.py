@@ -56,6 +56,11 @@ def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
         assert generated["min"] <= mc["low"] and mc["high"] <= generated["max"]
         assert generated["convergence"][-1]["samples"] == generated["samples"]
         assert generated["convergence"][-1]["threshold"] == mc["value"]
+        # The early generator's threshold settles as its images accumulate, plotted beside.
+        early = score["early_generated"]
+        assert early["samples"] == early["convergence"][-1]["samples"] == 1000
+        assert (early["convergence"][-1]["threshold"]
+                == score["thresholds"]["early_generator"]["value"])
 
 
 def test_test_results_add_up(tiny_run):
@@ -130,7 +135,7 @@ def test_saved_early_generator_reproduces_the_recorded_early_thresholds(tiny_run
     discriminator = keras.models.load_model(os.path.join(models, "discriminator.keras"))
     settings = {k: tuple(v) if isinstance(v, list) else v
                 for k, v in tiny_run["settings"].items()}
-    # Two epochs: a quarter of them rounds to none, so the first epoch's generator is kept.
+    # Two epochs: an eighth of them rounds to none, so the first epoch's generator is kept.
     assert tiny_run["training"]["early_generator_epoch"] == 1
     _, reference = gma.draw_monte_carlo(generator, discriminator, settings)
     early_sample = gma.draw_early_sample(early, discriminator, settings)
@@ -236,16 +241,18 @@ def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz, caplog):
                         "--normal-digits", *map(str, range(10)), "--epochs", "1",
                         "--validation-fraction", "0", "--classify-with", "monte_carlo"])
     assert results["training"]["early_generator_epoch"] == 0
-    assert ("EARLY_GENERATOR = 0.25 of EPOCHS = 1 falls on the last epoch, whose generator is "
+    assert ("EARLY_GENERATOR = 0.125 of EPOCHS = 1 falls on the last epoch, whose generator is "
             "the final one: this run has no early generator threshold.") in caplog.text
     assert results["data"]["validation_images"] == 0
     assert results["headline"]["threshold_from"] == "monte_carlo"
     for score in results["scores"].values():
         assert "auroc" not in score and list(score["thresholds"]) == ["monte_carlo"]
+        assert "early_generated" not in score
         for test in score["test"].values():
             assert test["labelled_anomalies"] == 0 and "detection_rate" not in test
             assert 0.0 <= test["flag_rate"] <= 1.0
     assert not os.path.exists(os.path.join(results["run_dir"], "roc_curve.png"))
+    assert os.path.isfile(os.path.join(results["run_dir"], "threshold_convergence.png"))
     assert "flag rate (all test digits are normal)" in gma.summary_text(results)
 
 
@@ -295,7 +302,7 @@ def test_ctrl_c_saves_the_models_and_says_where(tmp_path, mnist_npz, monkeypatch
     run_dir = os.path.join(output_dir, os.listdir(output_dir)[0])
     assert os.path.isfile(os.path.join(run_dir, "interrupted", "generator.keras"))
     assert os.path.isfile(os.path.join(run_dir, "interrupted", "discriminator.keras"))
-    # A quarter of 5 epochs is the first: its generator was kept before the interruption.
+    # An eighth of 5 epochs is the first: its generator was kept before the interruption.
     assert os.path.isfile(os.path.join(run_dir, "interrupted", "early_generator.keras"))
     assert not os.path.exists(os.path.join(run_dir, "results.json"))
 
