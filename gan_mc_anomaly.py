@@ -742,7 +742,8 @@ def training_dataset(x_train, batch_size, seed):
 
 def early_generator_epoch(settings):
     """Return the epoch after which the early generator is kept: EARLY_GENERATOR of EPOCHS,
-    at least the first. 0 means none: when EARLY_GENERATOR is 0, or when that share of
+    rounded to the nearest epoch (halves to the even one, as Python rounds), at least the
+    first. 0 means none: when EARLY_GENERATOR is 0, or when that share of
     EPOCHS falls on the last epoch, whose generator is the final one, not an early one."""
     epoch = max(1, round(settings["EARLY_GENERATOR"] * settings["EPOCHS"]))
     return 0 if settings["EARLY_GENERATOR"] == 0 or epoch >= settings["EPOCHS"] else epoch
@@ -1075,7 +1076,8 @@ def percentile_interval(scores, percentile, confidence):
 
 
 def threshold_convergence(scores, percentile, confidence, points=12):
-    """Return rows (n, estimate, low, high) for growing prefixes of the Monte Carlo sample.
+    """Return rows (n, estimate, low, high) for growing prefixes of a sample's scores (the
+    Monte Carlo sample's, or the early generator's).
 
     The sizes grow geometrically from 1,000 (a tenth of the sample when that is smaller) to
     the whole sample, so a plot of them shows how the threshold settles as more scored

@@ -479,3 +479,31 @@ def test_only_float16_training_scales_its_losses_and_every_precision_updates_wei
         after = gan.generator.get_weights()
         assert all(np.isfinite(w).all() for w in after)
         assert all(not np.array_equal(b, a) for b, a in zip(before, after))
+
+
+def test_convergence_plot_draws_the_early_generators_threshold_beside_the_monte_carlo_one(
+        tiny_run, tmp_path):
+    import copy
+
+    import matplotlib.pyplot as plt
+
+    def drawn(results):
+        """Return, per panel, {line label: last y value} of the figure written."""
+        figure = gma.plot_convergence(results, 95.0, str(tmp_path / "convergence.png"))
+        lines = [{line.get_label(): line.get_ydata()[-1] for line in axis.get_lines()}
+                 for axis in figure.axes]
+        plt.close(figure)
+        return lines
+
+    for panel, score in zip(drawn(tiny_run), tiny_run["scores"].values()):
+        assert panel == {
+            "Monte Carlo: 95th percentile": score["thresholds"]["monte_carlo"]["value"],
+            "early generator: 95th percentile":
+                score["thresholds"]["early_generator"]["value"]}
+
+    # A run without an early generator (or one saved before it existed) draws only one line.
+    without_early = copy.deepcopy(tiny_run)
+    for score in without_early["scores"].values():
+        del score["early_generated"]
+    assert [list(panel) for panel in drawn(without_early)] == [
+        ["Monte Carlo: 95th percentile"]] * len(tiny_run["scores"])
