@@ -912,12 +912,11 @@ def draw_early_sample(early_generator, discriminator, settings):
     images in a threshold that needs no real image. How far off depends on how early;
     benchmarks/other_generators.py measured which share of training comes nearest.
     """
-    count = settings["NEIGHBOUR_SAMPLES"]
-    keep = count if "nearest_generated" in settings["SCORES"] else 0
-    logits, images = monte_carlo_sample(early_generator, discriminator, count,
-                                        settings["MC_BATCH_SIZE"], settings["LATENT_DIM"],
-                                        settings["SEED"] + EARLY_SEED_OFFSET, keep_images=keep)
-    return logits, blur(images, settings["NEIGHBOUR_BLUR"])
+    # A Monte Carlo sample of NEIGHBOUR_SAMPLES images, all kept as neighbours are, from
+    # the early generator and other noise.
+    return draw_monte_carlo(early_generator, discriminator,
+                            {**settings, "MC_SAMPLES": settings["NEIGHBOUR_SAMPLES"],
+                             "SEED": settings["SEED"] + EARLY_SEED_OFFSET})
 
 
 def blur(pixels, sigma):
@@ -1336,6 +1335,8 @@ def plot_image_grid(images, titles, suptitle, path, columns=8):
 
 
 THRESHOLD_LINES = {"monte_carlo": "--", "early_generator": "-.", "validation": ":"}
+# Colours of the generated samples behind the generated-image thresholds, in every plot.
+SAMPLE_COLOURS = {"monte_carlo": "tab:blue", "early_generator": "tab:purple"}
 
 
 def plot_score_histograms(all_scores, results, is_anomaly, path):
@@ -1350,10 +1351,10 @@ def plot_score_histograms(all_scores, results, is_anomaly, path):
         everything = np.concatenate([sets["generated"], early, sets["test"]])
         bins = np.linspace(everything.min(), everything.max(), 80)
         axis.hist(sets["generated"], bins=bins, density=True, alpha=0.45,
-                  label="Monte Carlo (generated)")
+                  color=SAMPLE_COLOURS["monte_carlo"], label="Monte Carlo (generated)")
         if len(early):
-            axis.hist(early, bins=bins, density=True, alpha=0.3, color="tab:purple",
-                      label="early generator (generated)")
+            axis.hist(early, bins=bins, density=True, alpha=0.3,
+                      color=SAMPLE_COLOURS["early_generator"], label="early generator (generated)")
         axis.hist(sets["test"][~is_anomaly], bins=bins, density=True, histtype="step",
                   lw=1.8, label="test: normal digits")
         if is_anomaly.any():
@@ -1378,10 +1379,11 @@ def plot_convergence(results, percentile, path):
     names = list(results["scores"])
     figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for axis, name in zip(axes[0], names):
-        for sample, label, colour in (("generated", "Monte Carlo", "tab:blue"),
-                                      ("early_generated", "early generator", "tab:purple")):
+        for sample, source in (("generated", "monte_carlo"),
+                               ("early_generated", "early_generator")):
             if sample not in results["scores"][name]:
                 continue  # no early generator in this run
+            label, colour = SOURCE_LABELS[source], SAMPLE_COLOURS[source]
             rows = results["scores"][name][sample]["convergence"]
             sizes = [row["samples"] for row in rows]
             unbounded_as_nan = [[np.nan if row[side] is None else row[side] for row in rows]

@@ -67,11 +67,10 @@ def blurred_sample(weights, discriminator, settings, seed):
     generator = gma.build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
                                     settings["PRECISION"])
     generator.set_weights(weights)
-    count = settings["NEIGHBOUR_SAMPLES"]
-    _, images = gma.monte_carlo_sample(generator, discriminator, count,
-                                       settings["MC_BATCH_SIZE"], settings["LATENT_DIM"],
-                                       seed, keep_images=count)
-    return gma.blur(images, settings["NEIGHBOUR_BLUR"])
+    # A Monte Carlo sample of NEIGHBOUR_SAMPLES images keeps them all as neighbours.
+    return gma.draw_monte_carlo(generator, discriminator,
+                                {**settings, "MC_SAMPLES": settings["NEIGHBOUR_SAMPLES"],
+                                 "SEED": seed})[1]
 
 
 def rates(test_scores, is_normal, validation_scores, threshold):
