@@ -4,24 +4,29 @@ In one process, on the script's default networks and batch size, it measures and
 - the float32 matrix-multiply rate of this machine (the yardstick for the rest);
 - the rate that the training step's own matrix products reach alone, at its layer shapes
   (small products run slower than 2048 x 2048 ones: this is the step's ceiling);
-- training steps per second of the script's compiled step (fit() on a tf.data pipeline),
-  for a few steps-per-call and XLA choices (and on a GPU, the mixed precisions), and of the
-  usual loop (generator.predict, then train_on_batch on the discriminator and on the
-  stacked model), with their ratio;
+- training steps per second of the script's compiled step (fit() over epochs of its tf.data
+  pipeline), for a few steps-per-call and XLA choices, with tf.data's autotuning (which the
+  script turns off), and on a GPU with the mixed precisions; and of the usual loop
+  (generator.predict, then train_on_batch on the discriminator and on the stacked model),
+  with their ratio;
 - the training step's FLOP count and its share of the matrix-multiply rate;
-- Monte Carlo images generated and scored per second, and their share of that rate;
+- the rate that Monte Carlo scoring's own matrix products reach alone (its ceiling), and
+  Monte Carlo images generated and scored per second at a few batch sizes, with their
+  share of that rate;
 - images scored per second by the nearest_generated score (blur and blocked distances to
   the kept generated images), and the share of that rate its distance products reach;
 - the peak memory of processes that score 10,000 and 1,000,000 Monte Carlo samples.
 
     python benchmarks/speed.py [--seconds 5] [--rounds 3] [--output benchmarks/results]
 
-The rates that compare ways of training are measured in --rounds interleaved rounds and
-reported as the median with the lowest and highest, because a shared machine's speed drifts
-within a minute: one pass in a fixed order can rank the choices by the drift. Training runs
+The matmul rate, the training rates and the Monte Carlo rates are measured in --rounds
+interleaved rounds, each share against its own round's matmul rate, and reported as the
+median with the lowest and highest, because a shared machine's speed drifts within a
+minute: one pass in a fixed order can rank the choices by the drift. Training runs
 seeded and with TensorFlow's op determinism on, as in the script.
 
-It needs no data: the training images are random pixels, which cost the same as digits.
+It needs no data: the training images are 6,000 random pixel images (about one digit's
+share of MNIST), which cost the same as digits.
 """
 
 import argparse
@@ -39,6 +44,7 @@ sys.path.insert(0, REPO)
 import gan_mc_anomaly as gma  # noqa: E402
 
 BATCH = gma.BATCH_SIZE
+MC_BATCHES = (1_000, gma.MC_BATCH_SIZE, 100_000)  # Monte Carlo batch sizes compared
 
 
 def dense_flops(widths_in_out, batch):
@@ -140,22 +146,25 @@ def step_products_rate(settings, batch, seconds):
     return timed_rate(lambda: products().numpy(), flops, seconds)
 
 
-def compiled_step_rate(settings, images, seconds, steps_per_call, xla):
-    """Return training steps per second of the script's GAN.fit() on a tf.data pipeline.
+def compiled_step_rate(settings, images, seconds, steps_per_call, xla, autotune=False):
+    """Return training steps per second of the script's GAN.fit() on its tf.data pipeline.
 
-    One short fit() compiles the step and gives a first estimate; the timed fit() then runs
-    for about `seconds`, so that fit()'s own start-up is spread over many steps.
+    It trains in epochs over `images`, as the script does, so the rate includes what each
+    epoch costs beyond its steps (a new pass of the pipeline, a last short call). Two short
+    epochs compile the step and give a first estimate; the timed fit() then runs enough
+    epochs for about `seconds`. autotune=True turns on tf.data's autotuning, which the
+    script turns off.
     """
     gan = gma.build_gan(settings, steps_per_execution=steps_per_call, jit_compile=xla)
-    dataset = gma.training_dataset(images, BATCH, 0).repeat()
-    warm_up = 20 * steps_per_call
+    dataset = gma.training_dataset(images, BATCH, 0, autotune=autotune)
+    steps_per_epoch = len(images) // BATCH
     started = time.perf_counter()
-    gan.fit(dataset, epochs=1, steps_per_epoch=warm_up, verbose=0, shuffle=False)
-    first_guess = warm_up / (time.perf_counter() - started)
-    steps = max(warm_up, int(first_guess * seconds) // steps_per_call * steps_per_call)
+    gan.fit(dataset, epochs=2, verbose=0, shuffle=False)
+    epochs_per_s = 2 / (time.perf_counter() - started)
+    epochs = max(2, round(epochs_per_s * seconds))
     started = time.perf_counter()
-    gan.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-    return steps / (time.perf_counter() - started)
+    gan.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
+    return epochs * steps_per_epoch / (time.perf_counter() - started)
 
 
 def usual_loop_rate(settings, images, seconds):
@@ -194,15 +203,48 @@ def usual_loop_rate(settings, images, seconds):
     return timed_rate(run_once, 10, seconds)
 
 
-def scoring_rate(settings, seconds):
-    """Return Monte Carlo images generated and scored per second (batches of MC_BATCH_SIZE)."""
+def scoring_products_rate(settings, batch, seconds):
+    """Return the FLOP/s of Monte Carlo scoring's matrix products alone, at its layer shapes.
+
+    One forward product per dense layer of the generator and then the discriminator, for a
+    batch of `batch` rows, chained as the networks chain them and compiled as the script's
+    scoring function is (tf.function, no XLA). Nothing else runs (no noise, biases,
+    activations or copies), so Monte Carlo scoring cannot beat this share of the matmul rate.
+    """
+    import tensorflow as tf
+
+    shapes = (layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
+                           gma.IMAGE_PIXELS)
+              + layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1))
+    rng = np.random.default_rng(0)
+    weights = [tf.constant(rng.normal(scale=n_in ** -0.5, size=(n_in, n_out)).astype(np.float32))
+               for n_in, n_out in shapes]
+    inputs = tf.constant(rng.normal(size=(batch, settings["LATENT_DIM"])).astype(np.float32))
+
+    @tf.function
+    def products():
+        rows = inputs
+        for weight in weights:
+            rows = tf.matmul(rows, weight)
+        return rows[0, 0]
+
+    return timed_rate(lambda: products().numpy(),
+                      batch * scoring_flops_per_image(settings), seconds)
+
+
+def scoring_rate(settings, batch, seconds):
+    """Return Monte Carlo images generated and scored per second, in batches of `batch`.
+
+    Each timed call draws and scores MC_SAMPLES images, as the script's one call does, so
+    the cost of tracing its compiled functions is spread as it is in a run.
+    """
     generator = gma.build_generator(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"])
     discriminator = gma.build_discriminator(settings["DISCRIMINATOR_WIDTHS"])
-    count = 5 * settings["MC_BATCH_SIZE"]
+    count = settings["MC_SAMPLES"]
 
     def run_once():
-        gma.monte_carlo_sample(generator, discriminator, count, settings["MC_BATCH_SIZE"],
-                               settings["LATENT_DIM"], 0)
+        gma.monte_carlo_sample(generator, discriminator, count, batch, settings["LATENT_DIM"],
+                               0)
 
     return timed_rate(run_once, count, seconds)
 
@@ -247,9 +289,11 @@ def peak_memory_mib(samples):
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def config_name(steps_per_call, xla, precision):
+def config_name(steps_per_call, xla, precision, autotune=False):
     name = f"steps_per_call={steps_per_call}, xla={xla}"
-    return name if precision == "float32" else f"{name}, {precision}"
+    if precision != "float32":
+        name += f", {precision}"
+    return name + ", tf.data autotune" if autotune else name
 
 
 def spread(values):
@@ -279,10 +323,13 @@ def main(argv=None):
                "processor": platform.processor(), "cores": os.cpu_count(), "device": device,
                "tensorflow": tf.__version__, "batch": BATCH, "rounds": args.rounds,
                "seconds_per_rate": args.seconds}
-    configurations = [(1, False, "float32"), (20, False, "float32"), (1, True, "float32"),
-                      (20, True, "float32")]
+    # (steps per call, XLA, precision, tf.data autotuning): the script's choices and others.
+    configurations = [(1, False, "float32", False), (20, False, "float32", False),
+                      (1, True, "float32", False), (20, True, "float32", False),
+                      (20, True, "float32", True)]
     if "gpu" in device.lower():  # 16-bit floats are only faster on GPUs
-        configurations += [(20, True, "mixed_float16"), (20, True, "mixed_bfloat16")]
+        configurations += [(20, True, "mixed_float16", False),
+                           (20, True, "mixed_bfloat16", False)]
     step_flops = training_step_flops(settings, BATCH)
     results["training_step_gflop"] = step_flops / 1e9
     rounds = []
@@ -294,16 +341,25 @@ def main(argv=None):
                                                                args.seconds) / peak,
                      "usual_loop_steps_per_s": usual_loop_rate(settings, images,
                                                                args.seconds)}
-            for steps_per_call, xla, precision in configurations:
+            for steps_per_call, xla, precision, autotune in configurations:
                 rate = compiled_step_rate(dict(settings, PRECISION=precision), images,
-                                          args.seconds, steps_per_call, xla)
-                found[config_name(steps_per_call, xla, precision)] = {
+                                          args.seconds, steps_per_call, xla, autotune)
+                found[config_name(steps_per_call, xla, precision, autotune)] = {
                     "steps_per_s": rate, "share_of_matmul_rate": rate * step_flops / peak,
                     "times_usual_loop": rate / found["usual_loop_steps_per_s"]}
+            found["mc_products_share"] = scoring_products_rate(
+                settings, settings["MC_BATCH_SIZE"], args.seconds) / peak
+            for batch in MC_BATCHES:
+                scored = scoring_rate(settings, batch, args.seconds)
+                found[f"mc_batch_{batch}"] = {
+                    "images_per_s": scored,
+                    "share_of_matmul_rate": scored * scoring_flops_per_image(settings) / peak}
             rounds.append(found)
             print(f"round {round_number + 1}/{args.rounds}: matmul {peak / 1e9:.0f} GFLOP/s, "
                   + ", ".join(f"{config_name(*c)} {found[config_name(*c)]['steps_per_s']:.0f}"
-                              for c in configurations) + " steps/s", flush=True)
+                              for c in configurations) + " steps/s, Monte Carlo "
+                  + ", ".join(f"batch {b:,} {found[f'mc_batch_{b}']['images_per_s']:,.0f}"
+                              for b in MC_BATCHES) + " images/s", flush=True)
         results["rounds"] = rounds
         results["matmul_gflops"] = spread([r["matmul_gflops"] for r in rounds])
         results["step_products_share"] = spread([r["step_products_share"] for r in rounds])
@@ -316,10 +372,13 @@ def main(argv=None):
             for c in configurations}
         default = config_name(gma.STEPS_PER_CALL, gma.USE_XLA, settings["PRECISION"])
         results["script_default"] = default
+        results["mc_products_share"] = spread([r["mc_products_share"] for r in rounds])
+        results["monte_carlo"] = {
+            f"batch {batch}": {key: spread([r[f"mc_batch_{batch}"][key] for r in rounds])
+                               for key in ("images_per_s", "share_of_matmul_rate")}
+            for batch in MC_BATCHES}
+        results["mc_batch_default"] = settings["MC_BATCH_SIZE"]
         peak = results["matmul_gflops"]["median"] * 1e9
-        scored = scoring_rate(settings, args.seconds)
-        results["mc_images_per_s"] = scored
-        results["mc_share_of_matmul_rate"] = scored * scoring_flops_per_image(settings) / peak
         neighbours = neighbour_scoring_rate(settings, args.seconds)
         results["nearest_generated_images_per_s"] = neighbours
         results["nearest_generated_share_of_matmul_rate"] = (
@@ -335,7 +394,7 @@ def main(argv=None):
     lines = [
         f"Speed on {results['machine']}, {results['cores']} cores, device {device}, "
         f"TensorFlow {tf.__version__}, {results['date']} (batch {BATCH}, default networks)",
-        f"Training rates: median (lowest-highest) of {args.rounds} interleaved rounds",
+        f"Rates: median (lowest-highest) of {args.rounds} interleaved rounds",
         f"  float32 matmul rate (2048^3):     {with_range(results['matmul_gflops'], '.1f')} "
         "GFLOP/s",
         f"  the step's matrix products alone: "
@@ -346,14 +405,21 @@ def main(argv=None):
     ]
     for name, row in results["compiled"].items():
         marker = "  <- script default" if name == default else ""
-        lines.append(f"  compiled step, {name:<28} "
+        lines.append(f"  compiled step, {name:<44} "
                      f"{with_range(row['steps_per_s'], '.1f')} steps/s, "
                      f"{row['times_usual_loop']['median']:.1f}x the usual loop, "
                      f"{with_range(row['share_of_matmul_rate'], '.0%')} of the matmul "
                      f"rate{marker}")
+    lines.append(f"  Monte Carlo scoring's matrix products alone: "
+                 f"{with_range(results['mc_products_share'], '.0%')} of the matmul rate")
+    for batch in MC_BATCHES:
+        row = results["monte_carlo"][f"batch {batch}"]
+        marker = "  <- script default" if batch == settings["MC_BATCH_SIZE"] else ""
+        lines.append(f"  Monte Carlo scoring, batch {batch:<8,} "
+                     f"{with_range(row['images_per_s'], ',.0f')} images/s, "
+                     f"{with_range(row['share_of_matmul_rate'], '.0%')} of the matmul "
+                     f"rate{marker}")
     lines += [
-        f"  Monte Carlo scoring:               {scored:,.0f} images/s, "
-        f"{results['mc_share_of_matmul_rate']:.0%} of the matmul rate",
         f"  nearest_generated scoring:         {neighbours:,.0f} images/s against "
         f"{settings['NEIGHBOUR_SAMPLES']:,} neighbours, "
         f"{results['nearest_generated_share_of_matmul_rate']:.0%} of the matmul rate",

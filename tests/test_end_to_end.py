@@ -217,7 +217,8 @@ def test_summary_is_printed_with_the_recorded_numbers(tiny_run, capsys):
         for threshold in score["thresholds"].values():
             assert f"{threshold['value']:.4g} [{threshold['low']:.4g}" in text
         assert f"{score['auroc']:.3f}" in text
-    assert tiny_run["examples"]["anomaly"] in text and tiny_run["examples"]["normal"] in text
+    assert "    anomaly: " + tiny_run["examples"]["anomaly"] in text
+    assert "    normal:  " + tiny_run["examples"]["normal"] in text
 
 
 def test_same_seed_gives_the_same_threshold_and_test_results(tmp_path, mnist_npz, tiny_run):
@@ -234,9 +235,17 @@ def test_another_seed_gives_another_threshold(tmp_path, mnist_npz, tiny_run):
                 != tiny_run["scores"][name]["thresholds"]["monte_carlo"]["value"])
 
 
-def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz, caplog):
+def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz, caplog, monkeypatch):
     # The original setting: every digit is normal, and only the Monte Carlo threshold: one
     # epoch leaves no epoch before the last to keep an early generator from.
+    titles = {}
+    plot_digit = gma.plot_digit
+
+    def recording_plot_digit(image, title, path):
+        titles[os.path.basename(path)] = title
+        return plot_digit(image, title, path)
+
+    monkeypatch.setattr(gma, "plot_digit", recording_plot_digit)
     results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
                         "--normal-digits", *map(str, range(10)), "--epochs", "1",
                         "--validation-fraction", "0", "--classify-with", "monte_carlo"])
@@ -253,7 +262,11 @@ def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz, caplog):
             assert 0.0 <= test["flag_rate"] <= 1.0
     assert not os.path.exists(os.path.join(results["run_dir"], "roc_curve.png"))
     assert os.path.isfile(os.path.join(results["run_dir"], "threshold_convergence.png"))
-    assert "flag rate (all test digits are normal)" in gma.summary_text(results)
+    summary = gma.summary_text(results)
+    assert "flag rate (all test digits are normal)" in summary
+    # With no anomalous digit, the highest-scoring example is not called an anomaly.
+    assert titles["anomaly.png"].startswith("highest score: digit ")
+    assert "    highest score: test image " in summary and "anomaly: test image" not in summary
 
 
 def test_nan_loss_stops_training_and_saves_the_models(tmp_path, mnist_npz, monkeypatch):

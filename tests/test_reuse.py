@@ -324,6 +324,29 @@ def test_settings_a_reused_run_overrides_are_named(tiny_run, tmp_path, caplog):
     assert results["ignored_settings"] == ["PERCENTILE"]
 
 
+def test_a_reused_run_scores_in_the_batch_size_given_now(tiny_run, tmp_path, monkeypatch):
+    # The batch size only bounds memory, so a run trained with batches of 1000 can be reused
+    # on a smaller machine: its redrawn sample still matches its recorded thresholds.
+    assert tiny_run["settings"]["MC_BATCH_SIZE"] == 1000
+    batch_sizes = []
+    sample = gma.monte_carlo_sample
+
+    def recording_sample(generator, discriminator, count, batch_size, *args, **kwargs):
+        batch_sizes.append(batch_size)
+        return sample(generator, discriminator, count, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(gma, "monte_carlo_sample", recording_sample)
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 28, 28), np.uint8))
+    code, results = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
+                           "--mc-batch-size", "700", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert batch_sizes == [700]
+    assert results["ignored_settings"] == []
+    for name, threshold in results["thresholds"].items():
+        assert threshold == tiny_run["scores"][name]["thresholds"]["validation"]["value"]
+
+
 def test_a_single_image_with_a_channel_axis(tmp_path):
     path = tmp_path / "one.npy"
     np.save(path, np.zeros((28, 28, 1), np.uint8))

@@ -60,6 +60,40 @@ def test_monte_carlo_sample_is_reproducible_and_keeps_only_the_images_asked_for(
     np.testing.assert_array_equal(shorter, logits[:600])
 
 
+def test_monte_carlo_sample_does_not_depend_on_the_batch_size(monkeypatch):
+    import tensorflow as tf
+
+    # Small noise blocks, so that 1000 images span four of them and batches straddle them.
+    monkeypatch.setattr(gma, "NOISE_BLOCK", 256)
+    generator = gma.build_generator(8, (16,))
+    discriminator = gma.build_discriminator((16,))
+    blocks = [tf.random.stateless_normal((256, 8), tf.constant([3, k], tf.int64))
+              for k in range(4)]
+    noise = tf.concat(blocks, 0)[:1000]
+    expected = discriminator(generator(noise))[:, 0].numpy()
+    expected_images = (generator(noise).numpy() + 1) / 2
+    for batch_size in (1000, 300, 256, 64, 5000):
+        logits, images = gma.monte_carlo_sample(generator, discriminator, 1000, batch_size, 8,
+                                                seed=3, keep_images=700)
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"batch size {batch_size}")
+        np.testing.assert_allclose(images, expected_images[:700], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"batch size {batch_size}")
+
+
+def test_monte_carlo_noise_blocks_are_the_seeds_draws_at_the_default_batch_size():
+    # At MC_BATCH_SIZE = NOISE_BLOCK batch b is exactly the draw from (seed, b), as it was
+    # before the noise came in blocks, so runs recorded then redraw the same thresholds.
+    import tensorflow as tf
+
+    assert gma.NOISE_BLOCK == gma.MC_BATCH_SIZE
+    batches = gma.noise_batches(7, gma.NOISE_BLOCK, 4)
+    for block in range(2):
+        draw = tf.random.stateless_normal((gma.NOISE_BLOCK, 4), tf.constant([7, block],
+                                                                           tf.int64))
+        np.testing.assert_array_equal(next(batches).numpy(), draw.numpy())
+
+
 def test_monte_carlo_sample_refuses_to_keep_more_images_than_it_draws():
     generator = gma.build_generator(8, (16,))
     discriminator = gma.build_discriminator((16,))

@@ -104,3 +104,64 @@ def test_step_products_run_at_a_positive_finite_rate():
                                "--discriminator-widths", "8"])
     rate = speed.step_products_rate(settings, 16, 0.2)
     assert 0 < rate < float("inf")
+
+
+def test_scoring_products_run_at_a_positive_finite_rate():
+    import gan_mc_anomaly as gma
+
+    settings = gma.parse_args(["--latent-dim", "4", "--generator-widths", "8",
+                               "--discriminator-widths", "8"])
+    rate = speed.scoring_products_rate(settings, 256, 0.2)
+    assert 0 < rate < float("inf")
+
+
+def test_the_whole_benchmark_runs_and_its_shares_follow_from_its_rates(tmp_path):
+    # A minute on two cores: every rate measured once, briefly, on the default networks.
+    import json
+
+    import gan_mc_anomaly as gma
+
+    assert speed.main(["--seconds", "0.05", "--rounds", "1", "--output", str(tmp_path)]) == 0
+    with open(tmp_path / "speed.json") as file:
+        results = json.load(file)
+    text = (tmp_path / "speed.txt").read_text()
+    found = results["rounds"][0]
+    peak = found["matmul_gflops"] * 1e9
+    settings = gma.default_settings()
+    per_image = speed.scoring_flops_per_image(settings)
+    for batch in speed.MC_BATCHES:
+        row = found[f"mc_batch_{batch}"]
+        assert row["images_per_s"] > 0
+        assert row["share_of_matmul_rate"] == pytest.approx(row["images_per_s"] * per_image / peak)
+        assert f"Monte Carlo scoring, batch {batch:<8,}" in text
+    default = found[f"mc_batch_{settings['MC_BATCH_SIZE']}"]
+    assert results["monte_carlo"][f"batch {settings['MC_BATCH_SIZE']}"]["images_per_s"][
+        "median"] == default["images_per_s"]
+    assert 0 < found["mc_products_share"] < float("inf")
+    step = found[speed.config_name(gma.STEPS_PER_CALL, gma.USE_XLA, "float32")]
+    assert step["share_of_matmul_rate"] == pytest.approx(
+        step["steps_per_s"] * results["training_step_gflop"] * 1e9 / peak)
+    # Only one batch of images exists at a time, whatever the sample's size.
+    assert results["memory_ratio"] <= 1.2
+
+
+def test_training_pipeline_turns_tf_data_autotuning_off_and_keeps_the_same_batches():
+    # With autotuning about a third of the script's epochs took twice as long (measured by
+    # benchmarks/speed.py); turning it off must not change what the GAN trains on.
+    import numpy as np
+
+    import gan_mc_anomaly as gma
+
+    images = np.random.default_rng(0).uniform(-1, 1, (300, gma.IMAGE_PIXELS)).astype(
+        np.float32)
+    plain = gma.training_dataset(images, 32, seed=5)
+    tuned = gma.training_dataset(images, 32, seed=5, autotune=True)
+    assert plain.options().autotune.enabled is False
+    assert tuned.options().autotune.enabled is not False
+    epochs = []
+    for _ in range(2):  # every pass reshuffles, in the same way in both pipelines
+        batches = np.stack([batch.numpy() for batch in plain])
+        np.testing.assert_array_equal(batches, np.stack([batch.numpy() for batch in tuned]))
+        assert batches.shape == (300 // 32, 32, gma.IMAGE_PIXELS)
+        epochs.append(batches)
+    assert not np.array_equal(epochs[0], epochs[1])
