@@ -734,8 +734,8 @@ def training_dataset(x_train, batch_size, seed, autotune=False):
     """Return a tf.data pipeline of shuffled training batches that stay tensors throughout.
 
     tf.data's autotuning is off (autotune=True turns it on, for the speed benchmark): with it,
-    about a third of the epochs took almost twice as long, on a 2-core CPU, for no gain;
-    the batches are the same either way (see the README's Speed section).
+    about a third of the epochs took almost twice as long on a 2-core CPU, and the batches
+    are the same either way (see the README's Speed section).
     """
     import tensorflow as tf
 
@@ -746,6 +746,7 @@ def training_dataset(x_train, batch_size, seed, autotune=False):
         return batches.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.autotune.enabled = False
+    # Two batches ready: the next step's, and one more while that step runs.
     return batches.prefetch(2).with_options(options)
 
 
@@ -853,27 +854,32 @@ def noise_batches(seed, batch_size, latent_dim):
     """Yield the sample's latent vectors, batch_size rows at a time, without end.
 
     Row i is row i % NOISE_BLOCK of the block drawn from the seed (seed, i // NOISE_BLOCK),
-    so every batch size yields the same rows in the same order. At most a batch and a block
-    of rows are held at a time.
+    so every batch size yields the same rows in the same order. Only the blocks that the
+    next batch needs are held, and each row is copied at most once, into its batch.
     """
     import tensorflow as tf
 
-    # Compiled, because drawing eagerly made Monte Carlo scoring about 3% slower (measured).
+    # Compiled, like the scoring functions that the noise feeds.
     draw = tf.function(lambda block_seed: tf.random.stateless_normal((NOISE_BLOCK, latent_dim),
                                                                      block_seed))
-    empty = tf.zeros((0, latent_dim))
-    pending, block = empty, 0
+    blocks = []  # drawn blocks whose rows are not all used yet, oldest first
+    used = 0  # rows of blocks[0] already handed out
+    drawn = 0  # blocks drawn so far
     while True:
-        while pending.shape[0] < batch_size:
-            drawn = draw(tf.constant([seed, block], dtype=tf.int64))
-            # Copies only where a batch straddles blocks; not at the default batch size.
-            pending = tf.concat([pending, drawn], 0) if pending.shape[0] else drawn
-            block += 1
-        if pending.shape[0] == batch_size:
-            batch, pending = pending, empty
-        else:
-            batch, pending = pending[:batch_size], pending[batch_size:]
-        yield batch
+        while len(blocks) * NOISE_BLOCK - used < batch_size:
+            blocks.append(draw(tf.constant([seed, drawn], dtype=tf.int64)))
+            drawn += 1
+        pieces, missing = [], batch_size
+        while missing:
+            take = min(missing, NOISE_BLOCK - used)
+            whole_block = used == 0 and take == NOISE_BLOCK
+            pieces.append(blocks[0] if whole_block else blocks[0][used:used + take])
+            missing -= take
+            used += take
+            if used == NOISE_BLOCK:
+                blocks.pop(0)
+                used = 0
+        yield pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
 
 
 def monte_carlo_sample(generator, discriminator, count, batch_size, latent_dim, seed,
@@ -1347,10 +1353,12 @@ def summary_text(results):
     if "auroc" in head:
         lines.append(f"  AUROC {head['auroc']:.3f}: a random anomalous test image outscores a "
                      f"random normal one {head['auroc']:.1%} of the time (0.5 is chance).")
+    highest = highest_example_label(results)
+    label_width = max(len(highest), len("normal")) + 2  # the two descriptions line up
     lines += [
         "  Examples:",
-        f"    {highest_example_label(results)}: " + results["examples"]["anomaly"],
-        "    normal:  " + results["examples"]["normal"],
+        f"    {highest + ':':<{label_width}}" + results["examples"]["anomaly"],
+        f"    {'normal:':<{label_width}}" + results["examples"]["normal"],
         "=" * 100,
     ]
     return "\n".join(lines)
@@ -1706,6 +1714,9 @@ def run_pipeline(settings, progress):
         "data": {"source": data["source"], "train_images": data["train_images"],
                  "normal_train_images": len(data["normal_train"]),
                  "validation_images": len(data["validation"]), "test_images": len(x_test)},
+        # Runs saved before the noise came in blocks drew batch b from (SEED, b): recorded so
+        # that reusing a run knows how to draw its sample again.
+        "monte_carlo_noise_block": NOISE_BLOCK,
         # XLA changes the order of the arithmetic, hence the trained networks: record it.
         "training": {"epochs_run": len(epoch_rows), "final_epoch": epoch_rows[-1],
                      "early_generator_epoch": early_epoch, **compiled},
@@ -1911,9 +1922,20 @@ def reference_thresholds(saved, generator, discriminator, settings):
     chosen thresholds then classify. With FRESH_SAMPLE, a new sample of MC_SAMPLES images
     from SEED (the values given now) sets Monte Carlo thresholds, which classify.
     """
+    saved_batch = saved["settings"]["MC_BATCH_SIZE"]
+    fresh = settings["FRESH_SAMPLE"]
+    if not fresh and saved.get("monte_carlo_noise_block") != NOISE_BLOCK \
+            and saved_batch != NOISE_BLOCK:
+        # Such a run drew batch b of its sample from the seed (SEED, b), and its batch size
+        # was not the block size, so its sample is not the one this script draws from SEED.
+        raise SettingsError(
+            f"LOAD_RUN = {str(settings['LOAD_RUN'])!r} was saved by an earlier version of "
+            f"this script with MC_BATCH_SIZE = {saved_batch}, which then changed which images "
+            "its Monte Carlo sample held, so that sample cannot be drawn again to check its "
+            f"thresholds. Expected MC_BATCH_SIZE = {NOISE_BLOCK} for such a run; use "
+            "--fresh-sample to classify with a new sample's thresholds instead.")
     # The batch size bounds memory and does not change the sample, so it is the one given now.
     s = {**saved["settings"], "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
-    fresh = settings["FRESH_SAMPLE"]
     count, seed = (settings["MC_SAMPLES"], settings["SEED"]) if fresh else (s["MC_SAMPLES"],
                                                                           s["SEED"])
     if count < s["NEIGHBOUR_SAMPLES"]:
@@ -2008,8 +2030,8 @@ def score_with_run(settings, loaded_images=None):
     with tf.device(device):
         thresholds, generated, reference, source = reference_thresholds(
             saved, generator, discriminator, settings)
-        batched = {**s, "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
-        scores = {name: image_scores(name, discriminator, reference, images, batched)
+        scoring_settings = {**s, "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
+        scores = {name: image_scores(name, discriminator, reference, images, scoring_settings)
                   for name in s["SCORES"]}
     run_dir = make_run_dir(settings["OUTPUT_DIR"], f"scores_from_{run_name}")
 

@@ -13,17 +13,17 @@ In one process, on the script's default networks and batch size, it measures and
 - the rate that Monte Carlo scoring's own matrix products reach alone (its ceiling), and
   Monte Carlo images generated and scored per second at a few batch sizes, with their
   share of that rate;
+- the share of a Monte Carlo batch's time spent drawing its latent vectors;
 - images scored per second by the nearest_generated score (blur and blocked distances to
   the kept generated images), and the share of that rate its distance products reach;
 - the peak memory of processes that score 10,000 and 1,000,000 Monte Carlo samples.
 
     python benchmarks/speed.py [--seconds 5] [--rounds 3] [--output benchmarks/results]
 
-The matmul rate, the training rates and the Monte Carlo rates are measured in --rounds
-interleaved rounds, each share against its own round's matmul rate, and reported as the
-median with the lowest and highest, because a shared machine's speed drifts within a
-minute: one pass in a fixed order can rank the choices by the drift. Training runs
-seeded and with TensorFlow's op determinism on, as in the script.
+Every rate is measured in --rounds interleaved rounds, each share against its own round's
+matmul rate, and reported as the median with the lowest and highest, because a shared
+machine's speed drifts within a minute: one pass in a fixed order can rank the choices by
+the drift. Training runs seeded and with TensorFlow's op determinism on, as in the script.
 
 It needs no data: the training images are 6,000 random pixel images (about one digit's
 share of MNIST), which cost the same as digits.
@@ -147,24 +147,25 @@ def step_products_rate(settings, batch, seconds):
 
 
 def compiled_step_rate(settings, images, seconds, steps_per_call, xla, autotune=False):
-    """Return training steps per second of the script's GAN.fit() on its tf.data pipeline.
+    """Return (steps per second, epochs timed) of the script's GAN.fit() on its tf.data
+    pipeline.
 
     It trains in epochs over `images`, as the script does, so the rate includes what each
-    epoch costs beyond its steps (a new pass of the pipeline, a last short call). Two short
-    epochs compile the step and give a first estimate; the timed fit() then runs enough
+    epoch costs beyond its steps (a new pass of the pipeline, a last short call). One epoch
+    compiles the step; two more give a first estimate; the timed fit() then runs enough
     epochs for about `seconds`. autotune=True turns on tf.data's autotuning, which the
     script turns off.
     """
     gan = gma.build_gan(settings, steps_per_execution=steps_per_call, jit_compile=xla)
     dataset = gma.training_dataset(images, BATCH, 0, autotune=autotune)
     steps_per_epoch = len(images) // BATCH
+    gan.fit(dataset, epochs=1, verbose=0, shuffle=False)
     started = time.perf_counter()
     gan.fit(dataset, epochs=2, verbose=0, shuffle=False)
-    epochs_per_s = 2 / (time.perf_counter() - started)
-    epochs = max(2, round(epochs_per_s * seconds))
+    epochs = max(2, round(2 / (time.perf_counter() - started) * seconds))
     started = time.perf_counter()
     gan.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
-    return epochs * steps_per_epoch / (time.perf_counter() - started)
+    return epochs * steps_per_epoch / (time.perf_counter() - started), epochs
 
 
 def usual_loop_rate(settings, images, seconds):
@@ -249,6 +250,13 @@ def scoring_rate(settings, batch, seconds):
     return timed_rate(run_once, count, seconds)
 
 
+def noise_draw_seconds(settings, seconds):
+    """Return the seconds that drawing one batch of MC_BATCH_SIZE latent vectors takes, as
+    Monte Carlo scoring draws them (gan_mc_anomaly.noise_batches)."""
+    batches = gma.noise_batches(0, settings["MC_BATCH_SIZE"], settings["LATENT_DIM"])
+    return 1.0 / timed_rate(lambda: next(batches).numpy(), 1, seconds)
+
+
 def neighbour_flops_per_image(settings):
     """Return the matrix-multiply FLOPs of one image's nearest_generated score: a dot
     product with each of the NEIGHBOUR_SAMPLES kept generated images."""
@@ -293,7 +301,9 @@ def config_name(steps_per_call, xla, precision, autotune=False):
     name = f"steps_per_call={steps_per_call}, xla={xla}"
     if precision != "float32":
         name += f", {precision}"
-    return name + ", tf.data autotune" if autotune else name
+    if autotune:
+        name += ", tf.data autotune"
+    return name
 
 
 def spread(values):
@@ -307,13 +317,14 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="measuring time of each rate, after a warm-up call")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds of the training rates (median reported)")
+                        help="interleaved rounds of every rate (median reported)")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results"),
                         help="folder for speed.json")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
 
+    started = time.perf_counter()
     settings = gma.default_settings()
     gma.make_reproducible(settings["SEED"])
     device = gma.resolve_device(settings["DEVICE"])
@@ -342,11 +353,12 @@ def main(argv=None):
                      "usual_loop_steps_per_s": usual_loop_rate(settings, images,
                                                                args.seconds)}
             for steps_per_call, xla, precision, autotune in configurations:
-                rate = compiled_step_rate(dict(settings, PRECISION=precision), images,
-                                          args.seconds, steps_per_call, xla, autotune)
+                rate, epochs = compiled_step_rate(dict(settings, PRECISION=precision), images,
+                                                  args.seconds, steps_per_call, xla, autotune)
                 found[config_name(steps_per_call, xla, precision, autotune)] = {
                     "steps_per_s": rate, "share_of_matmul_rate": rate * step_flops / peak,
-                    "times_usual_loop": rate / found["usual_loop_steps_per_s"]}
+                    "times_usual_loop": rate / found["usual_loop_steps_per_s"],
+                    "epochs_timed": epochs}
             found["mc_products_share"] = scoring_products_rate(
                 settings, settings["MC_BATCH_SIZE"], args.seconds) / peak
             for batch in MC_BATCHES:
@@ -354,6 +366,14 @@ def main(argv=None):
                 found[f"mc_batch_{batch}"] = {
                     "images_per_s": scored,
                     "share_of_matmul_rate": scored * scoring_flops_per_image(settings) / peak}
+            batch_seconds = (settings["MC_BATCH_SIZE"]
+                             / found[f"mc_batch_{settings['MC_BATCH_SIZE']}"]["images_per_s"])
+            found["mc_noise_share_of_batch_time"] = (noise_draw_seconds(settings, args.seconds)
+                                                     / batch_seconds)
+            neighbours = neighbour_scoring_rate(settings, args.seconds)
+            found["nearest_generated_images_per_s"] = neighbours
+            found["nearest_generated_share_of_matmul_rate"] = (
+                neighbours * neighbour_flops_per_image(settings) / peak)
             rounds.append(found)
             print(f"round {round_number + 1}/{args.rounds}: matmul {peak / 1e9:.0f} GFLOP/s, "
                   + ", ".join(f"{config_name(*c)} {found[config_name(*c)]['steps_per_s']:.0f}"
@@ -378,11 +398,9 @@ def main(argv=None):
                                for key in ("images_per_s", "share_of_matmul_rate")}
             for batch in MC_BATCHES}
         results["mc_batch_default"] = settings["MC_BATCH_SIZE"]
-        peak = results["matmul_gflops"]["median"] * 1e9
-        neighbours = neighbour_scoring_rate(settings, args.seconds)
-        results["nearest_generated_images_per_s"] = neighbours
-        results["nearest_generated_share_of_matmul_rate"] = (
-            neighbours * neighbour_flops_per_image(settings) / peak)
+        for key in ("mc_noise_share_of_batch_time", "nearest_generated_images_per_s",
+                    "nearest_generated_share_of_matmul_rate"):
+            results[key] = spread([r[key] for r in rounds])
     results["peak_memory_mib"] = {n: peak_memory_mib(n) for n in (10_000, 1_000_000)}
     results["memory_ratio"] = (results["peak_memory_mib"][1_000_000]
                                / results["peak_memory_mib"][10_000])
@@ -419,13 +437,19 @@ def main(argv=None):
                      f"{with_range(row['images_per_s'], ',.0f')} images/s, "
                      f"{with_range(row['share_of_matmul_rate'], '.0%')} of the matmul "
                      f"rate{marker}")
+    results["elapsed_minutes"] = (time.perf_counter() - started) / 60
     lines += [
-        f"  nearest_generated scoring:         {neighbours:,.0f} images/s against "
+        f"  Monte Carlo noise draw alone:      "
+        f"{with_range(results['mc_noise_share_of_batch_time'], '.0%')} of a batch's time",
+        f"  nearest_generated scoring:         "
+        f"{with_range(results['nearest_generated_images_per_s'], ',.0f')} images/s against "
         f"{settings['NEIGHBOUR_SAMPLES']:,} neighbours, "
-        f"{results['nearest_generated_share_of_matmul_rate']:.0%} of the matmul rate",
+        f"{with_range(results['nearest_generated_share_of_matmul_rate'], '.0%')} of the "
+        "matmul rate",
         f"  peak memory scoring 10,000:        {results['peak_memory_mib'][10_000]:.0f} MiB",
         f"  peak memory scoring 1,000,000:     {results['peak_memory_mib'][1_000_000]:.0f} "
         f"MiB ({results['memory_ratio']:.2f}x)",
+        f"Measured in {results['elapsed_minutes']:.1f} minutes.",
     ]
     print("\n".join(lines))
     os.makedirs(args.output, exist_ok=True)

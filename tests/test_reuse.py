@@ -335,16 +335,64 @@ def test_a_reused_run_scores_in_the_batch_size_given_now(tiny_run, tmp_path, mon
         batch_sizes.append(batch_size)
         return sample(generator, discriminator, count, batch_size, *args, **kwargs)
 
+    logits = gma.discriminator_logits
+
+    def recording_logits(discriminator, images, batch_size):
+        batch_sizes.append(batch_size)
+        return logits(discriminator, images, batch_size)
+
     monkeypatch.setattr(gma, "monte_carlo_sample", recording_sample)
+    monkeypatch.setattr(gma, "discriminator_logits", recording_logits)
     path = tmp_path / "images.npy"
     np.save(path, np.zeros((2, 28, 28), np.uint8))
     code, results = score(["--load-run", tiny_run["run_dir"], "--score-images", str(path),
                            "--mc-batch-size", "700", "--output-dir", str(tmp_path / "out")])
+    # Success means the redrawn Monte Carlo thresholds matched the recorded ones: the run
+    # refuses to score when they do not (test_models_of_the_right_shape_but_another_run).
     assert code == 0
-    assert batch_sizes == [700]
+    assert batch_sizes == [700, 700]  # the Monte Carlo sample, then the images' D scores
     assert results["ignored_settings"] == []
-    for name, threshold in results["thresholds"].items():
-        assert threshold == tiny_run["scores"][name]["thresholds"]["validation"]["value"]
+
+
+def run_saved_before_noise_blocks(tiny_run, tmp_path, batch_size):
+    """Return a copy of tiny_run as an earlier version of the script wrote it: without the
+    noise block in results.json, and with the given MC_BATCH_SIZE recorded."""
+    copy = tmp_path / "old_run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    with open(copy / "results.json") as file:
+        saved = json.load(file)
+    assert saved.pop("monte_carlo_noise_block") == gma.NOISE_BLOCK
+    saved["settings"]["MC_BATCH_SIZE"] = batch_size
+    (copy / "results.json").write_text(json.dumps(saved))
+    return str(copy)
+
+
+def test_a_run_saved_before_noise_blocks_with_another_batch_size_needs_a_fresh_sample(
+        tiny_run, tmp_path):
+    # Such a run drew batch b from (SEED, b); its sample cannot be drawn again, and the
+    # redraw check would have blamed the models.
+    old_run = run_saved_before_noise_blocks(tiny_run, tmp_path, 1000)
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 28, 28), np.uint8))
+    settings = {**gma.default_settings(), "LOAD_RUN": old_run, "SCORE_IMAGES": str(path),
+                "OUTPUT_DIR": str(tmp_path / "out")}
+    with pytest.raises(gma.SettingsError, match=r"earlier version of this script with "
+                       r"MC_BATCH_SIZE = 1000, .* Expected MC_BATCH_SIZE = 10000 for such a "
+                       r"run; use --fresh-sample"):
+        gma.score_with_run(settings)
+    results = gma.score_with_run({**settings, "FRESH_SAMPLE": True, "MC_SAMPLES": 2000})
+    assert results["threshold_from"] == "monte_carlo"
+
+
+def test_a_run_saved_before_noise_blocks_at_the_block_size_is_reused_as_it_was(tiny_run,
+                                                                              tmp_path):
+    # With batches of NOISE_BLOCK the old draws were the blocks, so the sample is the same.
+    old_run = run_saved_before_noise_blocks(tiny_run, tmp_path, gma.NOISE_BLOCK)
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 28, 28), np.uint8))
+    code, results = score(["--load-run", old_run, "--score-images", str(path),
+                           "--output-dir", str(tmp_path / "out")])
+    assert code == 0 and results["threshold_from"] == "validation"
 
 
 def test_a_single_image_with_a_channel_axis(tmp_path):
