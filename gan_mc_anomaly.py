@@ -855,7 +855,8 @@ def noise_batches(seed, batch_size, latent_dim):
 
     Row i is row i % NOISE_BLOCK of the block drawn from the seed (seed, i // NOISE_BLOCK),
     so every batch size yields the same rows in the same order. Only the blocks that the
-    next batch needs are held, and each row is copied at most once, into its batch.
+    next batch needs are held, and each row is copied at most twice: sliced out of its block,
+    and joined to the rest of its batch where a batch spans blocks.
     """
     import tensorflow as tf
 
@@ -1912,6 +1913,40 @@ def check_redrawn(run_folder, what, name, value, recorded):
             "belong to these results (or FRESH_SAMPLE is needed on a different machine)")
 
 
+def drawn_in_blocks(count, batch_size):
+    """Return whether a sample of `count` images drawn in batches of batch_size the way this
+    script once drew them (batch b from the seed (SEED, b), each batch min(batch_size,
+    count) rows) holds the same noise as the blocks of noise_batches."""
+    batch_size = min(batch_size, count)
+    # Either each batch was a block, or the one batch was the first rows of block 0.
+    return batch_size == NOISE_BLOCK or count <= min(batch_size, NOISE_BLOCK)
+
+
+def check_noise_scheme(saved, run_folder):
+    """Raise SettingsError when a loaded run's samples cannot be drawn again as they were:
+    those of a run saved before results.json recorded its noise block, with a batch size
+    that made them other images, or of a run that used another block size."""
+    s = saved["settings"]
+    block = saved.get("monte_carlo_noise_block")
+    if block is not None and block != NOISE_BLOCK:
+        raise SettingsError(
+            f"LOAD_RUN = {str(run_folder)!r}: its results.json records "
+            f"monte_carlo_noise_block = {block}, but this script draws noise in blocks of "
+            f"{NOISE_BLOCK}, so the run's sample cannot be drawn again to check its "
+            "thresholds; use --fresh-sample to classify with a new sample's thresholds.")
+    samples = [s["MC_SAMPLES"]]
+    if s["CLASSIFY_WITH"] == "early_generator":
+        samples.append(s["NEIGHBOUR_SAMPLES"])  # the early generator's sample is checked too
+    if block is None and not all(drawn_in_blocks(n, s["MC_BATCH_SIZE"]) for n in samples):
+        raise SettingsError(
+            f"LOAD_RUN = {str(run_folder)!r} was saved by an earlier version of this script, "
+            f"with MC_BATCH_SIZE = {s['MC_BATCH_SIZE']}; that version drew a different Monte "
+            "Carlo sample for each batch size, so the run's sample cannot be drawn again to "
+            f"check its thresholds (runs saved then with MC_BATCH_SIZE = {NOISE_BLOCK} can "
+            "be). --mc-batch-size given now does not change this; use --fresh-sample to "
+            "classify with a new sample's thresholds.")
+
+
 def reference_thresholds(saved, generator, discriminator, settings):
     """Return ({score: threshold}, {score: generated scores}, reference images, source).
 
@@ -1922,18 +1957,9 @@ def reference_thresholds(saved, generator, discriminator, settings):
     chosen thresholds then classify. With FRESH_SAMPLE, a new sample of MC_SAMPLES images
     from SEED (the values given now) sets Monte Carlo thresholds, which classify.
     """
-    saved_batch = saved["settings"]["MC_BATCH_SIZE"]
     fresh = settings["FRESH_SAMPLE"]
-    if not fresh and saved.get("monte_carlo_noise_block") != NOISE_BLOCK \
-            and saved_batch != NOISE_BLOCK:
-        # Such a run drew batch b of its sample from the seed (SEED, b), and its batch size
-        # was not the block size, so its sample is not the one this script draws from SEED.
-        raise SettingsError(
-            f"LOAD_RUN = {str(settings['LOAD_RUN'])!r} was saved by an earlier version of "
-            f"this script with MC_BATCH_SIZE = {saved_batch}, which then changed which images "
-            "its Monte Carlo sample held, so that sample cannot be drawn again to check its "
-            f"thresholds. Expected MC_BATCH_SIZE = {NOISE_BLOCK} for such a run; use "
-            "--fresh-sample to classify with a new sample's thresholds instead.")
+    if not fresh:
+        check_noise_scheme(saved, settings["LOAD_RUN"])
     # The batch size bounds memory and does not change the sample, so it is the one given now.
     s = {**saved["settings"], "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
     count, seed = (settings["MC_SAMPLES"], settings["SEED"]) if fresh else (s["MC_SAMPLES"],

@@ -354,45 +354,99 @@ def test_a_reused_run_scores_in_the_batch_size_given_now(tiny_run, tmp_path, mon
     assert results["ignored_settings"] == []
 
 
-def run_saved_before_noise_blocks(tiny_run, tmp_path, batch_size):
-    """Return a copy of tiny_run as an earlier version of the script wrote it: without the
-    noise block in results.json, and with the given MC_BATCH_SIZE recorded."""
+def old_noise_batches(seed, batch_size, latent_dim):
+    """Yield latent vectors as the script drew them before its noise came in blocks: batch b
+    from the seed (seed, b), whatever the batch size."""
+    import tensorflow as tf
+
+    batch = 0
+    while True:
+        yield tf.random.stateless_normal((batch_size, latent_dim),
+                                         tf.constant([seed, batch], tf.int64))
+        batch += 1
+
+
+def run_saved_before_noise_blocks(tiny_run, tmp_path, monkeypatch, batch_size):
+    """Return a copy of tiny_run as the script once wrote it with MC_BATCH_SIZE = batch_size:
+    no noise block in results.json, and Monte Carlo thresholds of a sample drawn the old way."""
     copy = tmp_path / "old_run"
     shutil.copytree(tiny_run["run_dir"], copy)
     with open(copy / "results.json") as file:
         saved = json.load(file)
-    assert saved.pop("monte_carlo_noise_block") == gma.NOISE_BLOCK
+    saved.pop("monte_carlo_noise_block", None)
     saved["settings"]["MC_BATCH_SIZE"] = batch_size
+    loaded, generator, discriminator = gma.load_trained_run(tiny_run["run_dir"])
+    with monkeypatch.context() as patch:
+        patch.setattr(gma, "noise_batches", old_noise_batches)
+        old_thresholds, _, _, _ = gma.reference_thresholds(
+            loaded, generator, discriminator,
+            {**gma.default_settings(), "FRESH_SAMPLE": True, "MC_BATCH_SIZE": batch_size,
+             "MC_SAMPLES": loaded["settings"]["MC_SAMPLES"], "SEED": loaded["settings"]["SEED"]})
+    for name, value in old_thresholds.items():
+        saved["scores"][name]["thresholds"]["monte_carlo"]["value"] = value
     (copy / "results.json").write_text(json.dumps(saved))
-    return str(copy)
+    return str(copy), old_thresholds
+
+
+def reuse_settings(run_folder, tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 28, 28), np.uint8))
+    return {**gma.default_settings(), "LOAD_RUN": run_folder, "SCORE_IMAGES": str(path),
+            "OUTPUT_DIR": str(tmp_path / "out")}
 
 
 def test_a_run_saved_before_noise_blocks_with_another_batch_size_needs_a_fresh_sample(
-        tiny_run, tmp_path):
-    # Such a run drew batch b from (SEED, b); its sample cannot be drawn again, and the
-    # redraw check would have blamed the models.
-    old_run = run_saved_before_noise_blocks(tiny_run, tmp_path, 1000)
-    path = tmp_path / "images.npy"
-    np.save(path, np.zeros((2, 28, 28), np.uint8))
-    settings = {**gma.default_settings(), "LOAD_RUN": old_run, "SCORE_IMAGES": str(path),
-                "OUTPUT_DIR": str(tmp_path / "out")}
-    with pytest.raises(gma.SettingsError, match=r"earlier version of this script with "
-                       r"MC_BATCH_SIZE = 1000, .* Expected MC_BATCH_SIZE = 10000 for such a "
-                       r"run; use --fresh-sample"):
+        tiny_run, tmp_path, monkeypatch):
+    # The run drew 3,000 images in batches of 1,000 from (SEED, 0), (SEED, 1), (SEED, 2): not
+    # the sample drawn now, so redrawing it used to blame the models.
+    old_run, old_thresholds = run_saved_before_noise_blocks(tiny_run, tmp_path, monkeypatch,
+                                                            1000)
+    recorded = tiny_run["scores"]["discriminator"]["thresholds"]["monte_carlo"]["value"]
+    assert old_thresholds["discriminator"] != pytest.approx(recorded, rel=1e-3)
+    settings = reuse_settings(old_run, tmp_path)
+    with pytest.raises(gma.SettingsError, match=r"saved by an earlier version of this script, "
+                       r"with MC_BATCH_SIZE = 1000; .* --mc-batch-size given now does not "
+                       r"change this; use --fresh-sample"):
         gma.score_with_run(settings)
     results = gma.score_with_run({**settings, "FRESH_SAMPLE": True, "MC_SAMPLES": 2000})
     assert results["threshold_from"] == "monte_carlo"
 
 
-def test_a_run_saved_before_noise_blocks_at_the_block_size_is_reused_as_it_was(tiny_run,
-                                                                              tmp_path):
-    # With batches of NOISE_BLOCK the old draws were the blocks, so the sample is the same.
-    old_run = run_saved_before_noise_blocks(tiny_run, tmp_path, gma.NOISE_BLOCK)
-    path = tmp_path / "images.npy"
-    np.save(path, np.zeros((2, 28, 28), np.uint8))
-    code, results = score(["--load-run", old_run, "--score-images", str(path),
-                           "--output-dir", str(tmp_path / "out")])
-    assert code == 0 and results["threshold_from"] == "validation"
+@pytest.mark.parametrize("batch_size", [gma.NOISE_BLOCK, 5000])
+def test_a_run_saved_before_noise_blocks_in_one_batch_is_reused_as_it_was(
+        tiny_run, tmp_path, monkeypatch, batch_size):
+    # With batches of 5,000 or 10,000 the run's 3,000 images were one draw from (SEED, 0):
+    # the first rows of block 0, so its sample is the one drawn now.
+    old_run, old_thresholds = run_saved_before_noise_blocks(tiny_run, tmp_path, monkeypatch,
+                                                            batch_size)
+    for name, value in old_thresholds.items():
+        assert value == pytest.approx(
+            tiny_run["scores"][name]["thresholds"]["monte_carlo"]["value"], rel=1e-6)
+    results = gma.score_with_run(reuse_settings(old_run, tmp_path))
+    assert results["threshold_from"] == "validation"
+
+
+def test_a_run_drawn_in_other_noise_blocks_is_named(tiny_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], copy)
+    with open(copy / "results.json") as file:
+        saved = json.load(file)
+    assert saved["monte_carlo_noise_block"] == gma.NOISE_BLOCK  # every run records it
+    saved["monte_carlo_noise_block"] = 4096
+    (copy / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(gma.SettingsError, match="records monte_carlo_noise_block = 4096, but "
+                                                "this script draws noise in blocks of 10000"):
+        gma.score_with_run(reuse_settings(str(copy), tmp_path))
+
+
+def test_which_old_samples_were_drawn_in_blocks():
+    block = gma.NOISE_BLOCK
+    assert gma.drawn_in_blocks(100_000, block)  # every batch was a block
+    assert gma.drawn_in_blocks(25_000, block)  # the last batch too: its first rows are kept
+    assert gma.drawn_in_blocks(3000, 5000) and gma.drawn_in_blocks(block, 2 * block)
+    assert not gma.drawn_in_blocks(100_000, 1000)
+    assert not gma.drawn_in_blocks(30_000, 50_000)  # one draw of 30,000 rows, not 3 blocks
+    assert not gma.drawn_in_blocks(3000, 1000)
 
 
 def test_a_single_image_with_a_channel_axis(tmp_path):

@@ -117,7 +117,8 @@ def test_scoring_products_run_at_a_positive_finite_rate():
 
 def test_the_whole_benchmark_runs_and_its_shares_follow_from_its_rates(tmp_path):
     # About two minutes on two cores: every rate measured twice, briefly, on the default
-    # networks. Each round's shares are taken against that round's own matmul rate.
+    # networks. Each round's shares must come from that round's own matmul rate, and each
+    # summary from the rounds.
     import json
 
     import gan_mc_anomaly as gma
@@ -126,29 +127,51 @@ def test_the_whole_benchmark_runs_and_its_shares_follow_from_its_rates(tmp_path)
     with open(tmp_path / "speed.json") as file:
         results = json.load(file)
     text = (tmp_path / "speed.txt").read_text()
-    assert len(results["rounds"]) == 2
-    found = results["rounds"][1]
-    peak = found["matmul_gflops"] * 1e9
+    rounds = results["rounds"]
+    assert len(rounds) == 2
     settings = gma.default_settings()
     per_image = speed.scoring_flops_per_image(settings)
+    step_flops = results["training_step_gflop"] * 1e9
+    for found in rounds:
+        peak = found["matmul_gflops"] * 1e9
+        assert found["step_products_share"] == pytest.approx(
+            found["step_products_gflops"] * 1e9 / peak)
+        assert found["mc_products_share"] == pytest.approx(
+            found["mc_products_gflops"] * 1e9 / peak)
+        for name in results["compiled"]:
+            row = found[name]
+            assert row["share_of_matmul_rate"] == pytest.approx(
+                row["steps_per_s"] * step_flops / peak)
+            assert row["times_usual_loop"] == pytest.approx(
+                row["steps_per_s"] / found["usual_loop_steps_per_s"])
+            assert row["epochs_timed"] >= 2
+        for batch in speed.MC_BATCHES:
+            row = found[f"mc_batch_{batch}"]
+            assert row["share_of_matmul_rate"] == pytest.approx(
+                row["images_per_s"] * per_image / peak)
+        default_batch = found[f"mc_batch_{settings['MC_BATCH_SIZE']}"]["images_per_s"]
+        assert found["mc_noise_share_of_batch_time"] == pytest.approx(
+            found["mc_noise_draw_s"] * default_batch / settings["MC_BATCH_SIZE"])
+        assert found["nearest_generated_share_of_matmul_rate"] == pytest.approx(
+            found["nearest_generated_images_per_s"] * speed.neighbour_flops_per_image(settings)
+            / peak)
+
+    def summary_of(values):
+        return {"median": pytest.approx(sum(values) / 2), "low": min(values),
+                "high": max(values)}
+
+    for key in ("matmul_gflops", "step_products_share", "usual_loop_steps_per_s",
+                "mc_products_share", "mc_noise_share_of_batch_time",
+                "nearest_generated_images_per_s", "nearest_generated_share_of_matmul_rate"):
+        assert results[key] == summary_of([r[key] for r in rounds]), key
+    for name, summary in results["compiled"].items():
+        for key, values in summary.items():
+            assert values == summary_of([r[name][key] for r in rounds]), (name, key)
     for batch in speed.MC_BATCHES:
-        row = found[f"mc_batch_{batch}"]
-        assert row["images_per_s"] > 0
-        assert row["share_of_matmul_rate"] == pytest.approx(row["images_per_s"] * per_image / peak)
+        for key, values in results["monte_carlo"][f"batch {batch}"].items():
+            assert values == summary_of([r[f"mc_batch_{batch}"][key] for r in rounds])
         assert f"Monte Carlo scoring, batch {batch:<8,}" in text
-    default_batch = [r[f"mc_batch_{settings['MC_BATCH_SIZE']}"]["images_per_s"]
-                     for r in results["rounds"]]
-    assert results["monte_carlo"][f"batch {settings['MC_BATCH_SIZE']}"]["images_per_s"] == {
-        "median": pytest.approx(sum(default_batch) / 2), "low": min(default_batch),
-        "high": max(default_batch)}
-    assert 0 < found["mc_products_share"] < float("inf")
-    assert 0 < found["mc_noise_share_of_batch_time"] < 1
-    assert found["nearest_generated_share_of_matmul_rate"] == pytest.approx(
-        found["nearest_generated_images_per_s"] * speed.neighbour_flops_per_image(settings)
-        / peak)
-    step = found[speed.config_name(gma.STEPS_PER_CALL, gma.USE_XLA, "float32")]
-    assert step["share_of_matmul_rate"] == pytest.approx(
-        step["steps_per_s"] * results["training_step_gflop"] * 1e9 / peak)
+    assert "tf.data autotune" in text and "<- script default" in text
     # Only one batch of images exists at a time, whatever the sample's size.
     assert results["memory_ratio"] <= 1.2
 
