@@ -1410,10 +1410,12 @@ def plot_score_histograms(all_scores, results, is_anomaly, path):
         everything = np.concatenate([sets["generated"], early, sets["test"]])
         bins = np.linspace(everything.min(), everything.max(), 80)
         axis.hist(sets["generated"], bins=bins, density=True, alpha=0.45,
-                  color=SAMPLE_COLOURS["monte_carlo"], label="Monte Carlo (generated)")
+                  color=SAMPLE_COLOURS["monte_carlo"],
+                  label=f"{SOURCE_LABELS['monte_carlo']} (generated)")
         if len(early):
             axis.hist(early, bins=bins, density=True, alpha=0.3,
-                      color=SAMPLE_COLOURS["early_generator"], label="early generator (generated)")
+                      color=SAMPLE_COLOURS["early_generator"],
+                      label=f"{SOURCE_LABELS['early_generator']} (generated)")
         axis.hist(sets["test"][~is_anomaly], bins=bins, density=True, histtype="step",
                   lw=1.8, label="test: normal digits")
         if is_anomaly.any():
@@ -1960,8 +1962,7 @@ def reference_thresholds(saved, generator, discriminator, settings):
     fresh = settings["FRESH_SAMPLE"]
     if not fresh:
         check_noise_scheme(saved, settings["LOAD_RUN"])
-    # The batch size bounds memory and does not change the sample, so it is the one given now.
-    s = {**saved["settings"], "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
+    s = reused_run_settings(saved, settings)
     count, seed = (settings["MC_SAMPLES"], settings["SEED"]) if fresh else (s["MC_SAMPLES"],
                                                                           s["SEED"])
     if count < s["NEIGHBOUR_SAMPLES"]:
@@ -1993,6 +1994,12 @@ def reference_thresholds(saved, generator, discriminator, settings):
                           saved["scores"][name]["thresholds"]["early_generator"]["value"])
     return ({name: saved["scores"][name]["thresholds"][source]["value"] for name in s["SCORES"]},
             generated, reference, source)
+
+
+def reused_run_settings(saved, settings):
+    """Return the settings a reused run scores with: its own, except MC_BATCH_SIZE, which
+    bounds memory without changing the sample, so it is the one given now."""
+    return {**saved["settings"], "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
 
 
 REUSE_SETTINGS = ("LOAD_RUN", "SCORE_IMAGES", "FRESH_SAMPLE", "OUTPUT_DIR", "SHOW_PLOTS",
@@ -2056,8 +2063,8 @@ def score_with_run(settings, loaded_images=None):
     with tf.device(device):
         thresholds, generated, reference, source = reference_thresholds(
             saved, generator, discriminator, settings)
-        scoring_settings = {**s, "MC_BATCH_SIZE": settings["MC_BATCH_SIZE"]}
-        scores = {name: image_scores(name, discriminator, reference, images, scoring_settings)
+        scores = {name: image_scores(name, discriminator, reference, images,
+                                     reused_run_settings(saved, settings))
                   for name in s["SCORES"]}
     run_dir = make_run_dir(settings["OUTPUT_DIR"], f"scores_from_{run_name}")
 

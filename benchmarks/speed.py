@@ -57,6 +57,13 @@ def layer_shapes(n_in, widths, n_out):
     return list(zip(sizes[:-1], sizes[1:]))
 
 
+def network_shapes(settings):
+    """Return the (inputs, outputs) of each dense layer of the generator and of the
+    discriminator that the settings build, as two lists."""
+    return (layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"], gma.IMAGE_PIXELS),
+            layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1))
+
+
 def training_step_flops(settings, batch):
     """Return the matrix-multiply FLOPs of one step of the script's train_step.
 
@@ -66,10 +73,7 @@ def training_step_flops(settings, batch):
     generated batch. Generator update: G and D forward, input gradients through D (its
     weights are not updated), weight and input gradients through G.
     """
-    g = dense_flops(layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
-                                 gma.IMAGE_PIXELS), batch)
-    d = dense_flops(layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1),
-                    batch)
+    g, d = (dense_flops(shapes, batch) for shapes in network_shapes(settings))
     f_g, f_d = sum(g), sum(d)
     d_update = f_g + 2 * (f_d + f_d + (f_d - d[0]))
     g_update = (f_g + f_d) + f_d + (f_g + (f_g - g[0]))
@@ -78,10 +82,7 @@ def training_step_flops(settings, batch):
 
 def scoring_flops_per_image(settings):
     """Return the forward FLOPs of generating and scoring one Monte Carlo image."""
-    g = dense_flops(layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
-                                 gma.IMAGE_PIXELS), 1)
-    d = dense_flops(layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1), 1)
-    return sum(g) + sum(d)
+    return sum(sum(dense_flops(shapes, 1)) for shapes in network_shapes(settings))
 
 
 def timed_rate(run_once, units_per_run, seconds):
@@ -119,9 +120,8 @@ def step_products_rate(settings, batch, seconds):
     """
     import tensorflow as tf
 
-    shapes = (layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
-                           gma.IMAGE_PIXELS)
-              + layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1))
+    generator_shapes, discriminator_shapes = network_shapes(settings)
+    shapes = generator_shapes + discriminator_shapes
     rng = np.random.default_rng(0)
     tensors = [tuple(tf.constant(rng.normal(size=shape).astype(np.float32))
                      for shape in ((batch, n_in), (n_in, n_out), (batch, n_out)))
@@ -214,9 +214,8 @@ def scoring_products_rate(settings, batch, seconds):
     """
     import tensorflow as tf
 
-    shapes = (layer_shapes(settings["LATENT_DIM"], settings["GENERATOR_WIDTHS"],
-                           gma.IMAGE_PIXELS)
-              + layer_shapes(gma.IMAGE_PIXELS, settings["DISCRIMINATOR_WIDTHS"], 1))
+    generator_shapes, discriminator_shapes = network_shapes(settings)
+    shapes = generator_shapes + discriminator_shapes
     rng = np.random.default_rng(0)
     weights = [tf.constant(rng.normal(scale=n_in ** -0.5, size=(n_in, n_out)).astype(np.float32))
                for n_in, n_out in shapes]
@@ -386,10 +385,11 @@ def main(argv=None):
                   + ", ".join(f"batch {b:,} {found[f'mc_batch_{b}']['images_per_s']:,.0f}"
                               for b in MC_BATCHES) + " images/s", flush=True)
         results["rounds"] = rounds
-        results["matmul_gflops"] = spread([r["matmul_gflops"] for r in rounds])
-        results["step_products_share"] = spread([r["step_products_share"] for r in rounds])
-        results["usual_loop_steps_per_s"] = spread([r["usual_loop_steps_per_s"]
-                                                    for r in rounds])
+        for key in ("matmul_gflops", "step_products_share", "usual_loop_steps_per_s",
+                    "mc_products_share", "mc_noise_share_of_batch_time",
+                    "nearest_generated_images_per_s",
+                    "nearest_generated_share_of_matmul_rate"):
+            results[key] = spread([r[key] for r in rounds])
         results["compiled"] = {
             config_name(*c): {key: spread([r[config_name(*c)][key] for r in rounds])
                               for key in ("steps_per_s", "share_of_matmul_rate",
@@ -397,15 +397,11 @@ def main(argv=None):
             for c in configurations}
         default = config_name(gma.STEPS_PER_CALL, gma.USE_XLA, settings["PRECISION"])
         results["script_default"] = default
-        results["mc_products_share"] = spread([r["mc_products_share"] for r in rounds])
         results["monte_carlo"] = {
             f"batch {batch}": {key: spread([r[f"mc_batch_{batch}"][key] for r in rounds])
                                for key in ("images_per_s", "share_of_matmul_rate")}
             for batch in MC_BATCHES}
         results["mc_batch_default"] = settings["MC_BATCH_SIZE"]
-        for key in ("mc_noise_share_of_batch_time", "nearest_generated_images_per_s",
-                    "nearest_generated_share_of_matmul_rate"):
-            results[key] = spread([r[key] for r in rounds])
     results["peak_memory_mib"] = {n: peak_memory_mib(n) for n in (10_000, 1_000_000)}
     results["memory_ratio"] = (results["peak_memory_mib"][1_000_000]
                                / results["peak_memory_mib"][10_000])
