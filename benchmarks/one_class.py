@@ -61,8 +61,18 @@ COLUMNS = [("auroc", "AUROC"), ("validation_false_alarm", "false alarm (val.)"),
            ("validation_detection", "detection (val.)"),
            ("monte_carlo_false_alarm", "false alarm (MC)"),
            ("monte_carlo_detection", "detection (MC)"),
+           ("corrected_false_alarm", "false alarm (corr. MC)"),
+           ("corrected_detection", "detection (corr. MC)"),
            ("early_generator_false_alarm", "false alarm (early gen.)"),
            ("early_generator_detection", "detection (early gen.)")]
+
+
+def mean_rows(rows):
+    """Return {score: {column: mean over the digits}} for the columns each score has."""
+    first = next(iter(rows.values()))
+    return {name: {key: float(np.mean([row[name][key] for row in rows.values()]))
+                   for key in first[name]}
+            for name in first}
 
 
 def markdown_table(rows, header_lines):
@@ -79,10 +89,7 @@ def markdown_table(rows, header_lines):
     for digit, row in rows.items():
         for name in names:
             lines.append(f"| {digit} | {name} | " + " | ".join(cells(row[name])) + " |")
-    for name in names:
-        keys = [key for key, _ in COLUMNS if key in next(iter(rows.values()))[name]]
-        means = {key: float(np.mean([row[name][key] for row in rows.values()]))
-                 for key in keys}
+    for name, means in mean_rows(rows).items():
         lines.append(f"| **mean** | {name} | " + " | ".join(cells(means)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -113,13 +120,15 @@ def main(argv=None):
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
         f"device {results['device_used']}; settings: {changed}.",
         "Thresholds: val. = 95th percentile of held-out real images of the digit; MC = 95th "
-        "percentile of generated images (the Monte Carlo threshold); early gen. = 95th "
-        "percentile of the early generator's images, scored against the final sample.",
+        "percentile of generated images (the Monte Carlo threshold); corr. MC = the Monte "
+        f"Carlo threshold times MC_CORRECTION = {settings['MC_CORRECTION']:g} (distance "
+        "score only); early gen. = 95th percentile of the early generator's images, scored "
+        "against the final sample.",
     ]
     tables.save_table(args.output, "one_class", markdown_table(rows, header), {
         "settings": gma.to_json_value(settings), "minutes": minutes,
         "machine": platform.machine(), "cores": os.cpu_count(),
-        "date": str(datetime.date.today()), "digits": rows})
+        "date": str(datetime.date.today()), "digits": rows, "mean": mean_rows(rows)})
     return 0
 
 

@@ -27,7 +27,6 @@ It writes score_variants.md and score_variants.json into --output.
 
 import argparse
 import datetime
-import glob
 import logging
 import os
 import platform
@@ -191,17 +190,13 @@ def main(argv=None):
                         help="folder of one-class benchmark runs (one per digit)")
     args = parser.parse_args(argv)
     tables.start_logging()
-    folders = sorted(os.path.dirname(p)
-                     for p in glob.glob(os.path.join(args.runs, "*", "results.json")))
-    if not folders:
-        parser.error(f"no run folders with results.json in {args.runs}: run "
-                     "benchmarks/one_class.py first")
+    folders = tables.latest_runs(args.runs, parser)
 
     started = time.perf_counter()
     results = {}
     for folder in folders:
         digit, found = measure_run(folder, args.data_path)
-        results[digit] = found  # a later run of the same digit replaces an earlier one
+        results[digit] = found
     minutes = (time.perf_counter() - started) / 60
     header = [
         f"Score variants on the one-class benchmark's runs in {args.runs} "

@@ -1,6 +1,7 @@
 """What the one-class benchmarks share: their common command-line arguments, and how each
 saves its table as Markdown (to read) and JSON (every number, to compute with)."""
 
+import glob
 import json
 import logging
 import os
@@ -42,3 +43,18 @@ def changed_settings(settings, default_settings):
     changed = ", ".join(f"{k}={v}" for k, v in settings.items()
                         if k not in own and v != default_settings[k])
     return changed or "the script defaults"
+
+
+def latest_runs(runs, parser):
+    """Return the run folders in `runs` that hold results.json, the latest of each normal
+    digit only (folder names start with the time, so they sort in time order); stop with a
+    parser error when there are none."""
+    latest = {}
+    for results in sorted(glob.glob(os.path.join(runs, "*", "results.json"))):
+        with open(results, encoding="utf-8") as file:
+            digits = tuple(json.load(file)["settings"]["NORMAL_DIGITS"])
+        latest[digits] = os.path.dirname(results)
+    if not latest:
+        parser.error(f"no run folders with results.json in {runs}: run "
+                     "benchmarks/one_class.py first")
+    return sorted(latest.values())

@@ -10,6 +10,8 @@ import pytest
 from conftest import TINY_FLAGS, gma, run_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+import correction  # noqa: E402
+import latent_search  # noqa: E402
 import one_class  # noqa: E402
 import other_generators  # noqa: E402
 import score_variants  # noqa: E402
@@ -21,7 +23,8 @@ def tiny_flags_without_digits():
     return flags
 
 
-def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mnist_npz):
+def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mnist_npz,
+                                                                   monkeypatch):
     flags = tiny_flags_without_digits()
     output = tmp_path / "bench"
     assert one_class.main(["--data-path", mnist_npz, "--digits", "2", "7", "--output",
@@ -30,22 +33,91 @@ def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mni
     with open(output / "one_class.json") as file:
         table = json.load(file)
     assert list(table["digits"]) == ["2", "7"]
+    sources = ("validation", "monte_carlo", "corrected", "early_generator")
+    expected_keys = {
+        "nearest_generated": {"auroc"} | {f"{s}_{r}" for s in sources
+                                          for r in ("false_alarm", "detection")},
+        "discriminator": {"auroc"} | {f"{s}_{r}" for s in sources if s != "corrected"
+                                      for r in ("false_alarm", "detection")},
+        "nearest_training": {"auroc", "validation_false_alarm", "validation_detection"}}
     for row in table["digits"].values():
-        assert set(row) == {"nearest_generated", "discriminator", "nearest_training"}
+        assert set(row) == set(expected_keys)
         for name, values in row.items():
-            assert 0.0 <= values["auroc"] <= 1.0
-            assert 0.0 <= values["validation_false_alarm"] <= 1.0
-            assert 0.0 <= values["validation_detection"] <= 1.0
-            if name != "nearest_training":  # the baseline has no generated images
-                assert 0.0 <= values["monte_carlo_false_alarm"] <= 1.0
+            assert set(values) == expected_keys[name]
+            assert all(0.0 <= value <= 1.0 for value in values.values())
+        # A higher threshold flags fewer images: the corrected threshold (x 1.375) flags at
+        # most what the Monte Carlo one flags.
+        ours = row["nearest_generated"]
+        for rate in ("false_alarm", "detection"):
+            assert ours[f"corrected_{rate}"] <= ours[f"monte_carlo_{rate}"]
     # The baseline needs no GAN; on real digits it ranks far better than chance.
     assert all(row["nearest_training"]["auroc"] > 0.7 for row in table["digits"].values())
+    for name, means in table["mean"].items():
+        assert set(means) == expected_keys[name]
+        for key, value in means.items():
+            assert value == pytest.approx(np.mean([table["digits"][d][name][key]
+                                                   for d in ("2", "7")]))
 
     markdown = (output / "one_class.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 2 * 3 + 3  # header, 2 digits x 3 scores, 3 means
-    mean_auroc = sum(row["discriminator"]["auroc"] for row in table["digits"].values()) / 2
-    assert f"| **mean** | discriminator | {mean_auroc:.3f} |" in markdown
+    for name, means in table["mean"].items():
+        cells = [("-" if key not in means else f"{means[key]:.3f}" if key == "auroc"
+                  else f"{means[key]:.1%}") for key, _ in one_class.COLUMNS]
+        assert f"| **mean** | {name} | " + " | ".join(cells) + " |" in rows
+
+    # The corrected threshold is the Monte Carlo one times MC_CORRECTION, and the runs'
+    # results.json record both.
+    run_folders = sorted((output / "runs").iterdir())
+    for folder in run_folders:
+        with open(folder / "results.json") as file:
+            found = json.load(file)["scores"]
+        ours = found["nearest_generated"]["thresholds"]
+        assert ours["corrected"]["value"] == pytest.approx(
+            gma.MC_CORRECTION * ours["monte_carlo"]["value"])
+        assert "corrected" not in found["discriminator"]["thresholds"]
+
+    # correction.py reloads the runs: each gap is the held-out threshold over the Monte Carlo
+    # one, and the factor it picks is the candidate whose mean held-out share is nearest 5%.
+    assert correction.main(["--data-path", mnist_npz, "--runs", str(output / "runs"),
+                            "--output", str(output)]) == 0
+    with open(output / "correction.json") as file:
+        measured = json.load(file)
+    assert sorted(measured["digits"]) == ["2", "7"]
+    for folder, (digit, numbers) in zip(run_folders, sorted(measured["digits"].items())):
+        with open(folder / "results.json") as file:
+            recorded = json.load(file)["scores"]["nearest_generated"]["thresholds"]
+        assert numbers["monte_carlo_threshold"] == pytest.approx(
+            recorded["monte_carlo"]["value"], rel=1e-5)
+        assert numbers["held_out_threshold"] == pytest.approx(
+            recorded["validation"]["value"], rel=1e-5)
+        assert numbers["gap"] == pytest.approx(
+            numbers["held_out_threshold"] / numbers["monte_carlo_threshold"])
+        shares = [numbers["held_out_share"][f"{c:.3f}"] for c in correction.FACTORS]
+        assert shares == sorted(shares, reverse=True)  # a larger factor flags fewer
+    means = {c: np.mean([n["held_out_share"][f"{c:.3f}"] for n in measured["digits"].values()])
+             for c in correction.FACTORS}
+    best = min(abs(m - 0.05) for m in means.values())
+    assert abs(means[measured["factor"]] - 0.05) == pytest.approx(best)
+    assert measured["mean_held_out_share"] == pytest.approx(means[measured["factor"]])
+
+    # The latent search reloads the same runs; shortened, it still fills every cell.
+    monkeypatch.setattr(latent_search, "STEPS", 10)
+    monkeypatch.setattr(latent_search, "TEST_IMAGES", 300)
+    monkeypatch.setattr(latent_search, "GENERATED_IMAGES", 200)
+    assert latent_search.main(["--data-path", mnist_npz, "--runs", str(output / "runs"),
+                               "--output", str(output)]) == 0
+    with open(output / "latent_search.json") as file:
+        searched = json.load(file)
+    assert sorted(searched["digits"]) == ["2", "7"] and searched["test_images"] == 300
+    for numbers in searched["digits"].values():
+        assert set(numbers) == {"nearest_generated_auroc", "raw", "blurred"}
+        for variant in ("raw", "blurred"):
+            assert set(numbers[variant]) == {"test_auroc", "monte_carlo_false_alarm",
+                                             "validation_false_alarm"}
+            assert all(0.0 <= value <= 1.0 for value in numbers[variant].values())
+    assert len([line for line in (output / "latent_search.md").read_text().splitlines()
+                if line.startswith("| ")]) == 1 + 2 + 1  # header, 2 digits, the mean
 
     # The score variants reload the same runs; the script's own variant must reproduce the
     # benchmark's nearest_generated AUROC exactly.
@@ -61,6 +133,23 @@ def test_short_benchmark_writes_a_table_with_every_digit_and_score(tmp_path, mni
             table["digits"][digit]["nearest_generated"]["auroc"], abs=1e-9)
         for values in found.values():
             assert all(0.0 <= value <= 1.0 for value in values.values())
+
+
+def test_latent_search_keeps_an_exact_start_and_closes_in_from_a_wrong_one():
+    import tensorflow as tf
+
+    generator = gma.build_generator(8, (16,))
+    true_noise = tf.random.stateless_normal((20, 8), seed=[1, 2]).numpy()
+    images = gma.to_images(generator(true_noise).numpy()).reshape(20, -1)
+    start_raw = np.linalg.norm(gma.to_images(generator(np.zeros_like(true_noise)).numpy())
+                               .reshape(20, -1) - images, axis=1)
+    exact, _ = latent_search.search_residuals(generator, images, true_noise, 20, 0.02, 1.0)
+    assert np.all(exact < 0.05)  # Adam's first steps barely leave an exact optimum
+    searched, blurred = latent_search.search_residuals(generator, images,
+                                                       np.zeros_like(true_noise), 200, 0.05,
+                                                       1.0)
+    assert np.all(searched < 0.5 * start_raw)
+    assert np.all(blurred <= searched + 1e-6)  # a blur never lengthens a difference
 
 
 def test_benchmark_refuses_runs_without_held_out_images(tmp_path, mnist_npz):

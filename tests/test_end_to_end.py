@@ -46,7 +46,9 @@ def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
     for name, score in tiny_run["scores"].items():
         generated = score["generated"]
         assert generated["min"] <= generated["mean"] <= generated["max"], name
-        assert list(score["thresholds"]) == ["monte_carlo", "early_generator", "validation"]
+        corrected = ["corrected"] if name == "nearest_generated" else []
+        assert list(score["thresholds"]) == ["monte_carlo", *corrected, "early_generator",
+                                             "validation"]
         assert score["thresholds"]["validation"]["images"] == tiny_run["data"][
             "validation_images"] == 80  # 10% of the 800 training images of 0 and 1
         assert score["thresholds"]["early_generator"]["images"] == 1000  # NEIGHBOUR_SAMPLES
@@ -61,6 +63,61 @@ def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
         assert early["samples"] == early["convergence"][-1]["samples"] == 1000
         assert (early["convergence"][-1]["threshold"]
                 == score["thresholds"]["early_generator"]["value"])
+
+
+def test_corrected_threshold_is_the_monte_carlo_one_times_the_correction(tiny_run):
+    thresholds = tiny_run["scores"]["nearest_generated"]["thresholds"]
+    for side in ("value", "low", "high"):
+        assert thresholds["corrected"][side] == pytest.approx(
+            gma.MC_CORRECTION * thresholds["monte_carlo"][side])
+    assert thresholds["corrected"]["images"] == thresholds["monte_carlo"]["images"]
+    test = tiny_run["scores"]["nearest_generated"]["test"]
+    assert test["corrected"]["flagged"] <= test["monte_carlo"]["flagged"]
+    summary = gma.summary_text(tiny_run)
+    row = next(line for line in summary.splitlines() if "corrected Monte Carlo (1,000)" in line)
+    assert row.split()[0] == "nearest_generated"
+    assert f"{thresholds['corrected']['value']:.4g} [" in row
+    assert f"{test['corrected']['false_alarm_rate']:.1%}" in row
+    assert ("Why this threshold classifies (CLASSIFY_WITH): it is measured on real normal "
+            "images") in summary
+
+
+def test_the_held_out_gap_is_recorded_printed_and_warned_about_outside_its_range(tiny_run):
+    score = tiny_run["scores"]["nearest_generated"]
+    gap = score["thresholds"]["validation"]["value"] / score["thresholds"]["monte_carlo"]["value"]
+    assert score["held_out_gap"] == pytest.approx(gap)
+    assert gma.gap_warning(1.37) is None
+    assert gma.gap_warning(gma.EXPECTED_GAP[0]) is None
+    too_wide = gma.gap_warning(2.0)
+    assert "2.00 times the Monte Carlo one, outside the 1.2 to 1.6" in too_wide
+    assert "will flag more normal images than it promises" in too_wide
+    assert "will flag fewer normal images" in gma.gap_warning(1.1)
+    line = gma.gap_lines(tiny_run)[0]
+    assert f"the validation threshold is {gap:.3f} x the Monte Carlo one" in line
+    assert line.endswith("see the warning).") == (gma.gap_warning(gap) is not None)
+
+
+def test_the_runs_monte_carlo_threshold_is_a_leave_one_out_percentile(tiny_run):
+    """Score the run's own neighbours again by brute force: the recorded threshold must be
+    the percentile of each generated image's distance to its nearest *other* images."""
+    run_dir = tiny_run["run_dir"]
+    saved, generator, discriminator = gma.load_trained_run(run_dir)
+    settings = {**gma.default_settings(), **saved["settings"]}
+    _, reference = gma.draw_monte_carlo(generator, discriminator, settings)
+    reference = reference.astype(np.float64)
+    squared = ((reference[:, None, :] - reference[None, :, :]) ** 2).sum(axis=2)
+    k = settings["NEIGHBOURS"]
+
+    def percentile_of_nearest(distances):
+        nearest = np.sort(np.sqrt(np.maximum(distances, 0.0)), axis=1)[:, :k]
+        return np.percentile(nearest.mean(axis=1), settings["PERCENTILE"])
+
+    recorded = tiny_run["scores"]["nearest_generated"]["thresholds"]["monte_carlo"]["value"]
+    np.fill_diagonal(squared, np.inf)
+    assert recorded == pytest.approx(percentile_of_nearest(squared), rel=1e-4)
+    # Counting each image as its own neighbour (distance 0) would give a clearly lower one.
+    np.fill_diagonal(squared, 0.0)
+    assert percentile_of_nearest(squared) < 0.9 * recorded
 
 
 def test_test_results_add_up(tiny_run):
@@ -173,8 +230,9 @@ def test_without_an_early_generator_there_is_no_early_threshold(tmp_path, mnist_
     results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
                         "--early-generator", "0"])
     assert results["training"]["early_generator_epoch"] == 0
-    for score in results["scores"].values():
-        assert list(score["thresholds"]) == ["monte_carlo", "validation"]
+    for name, score in results["scores"].items():
+        corrected = ["corrected"] if name == "nearest_generated" else []
+        assert list(score["thresholds"]) == ["monte_carlo", *corrected, "validation"]
     assert not os.path.exists(os.path.join(results["run_dir"], "models",
                                            "early_generator.keras"))
 
@@ -254,9 +312,10 @@ def test_all_digits_normal_without_held_out_images(tmp_path, mnist_npz, caplog, 
             "the final one: this run has no early generator threshold.") in caplog.text
     assert results["data"]["validation_images"] == 0
     assert results["headline"]["threshold_from"] == "monte_carlo"
-    for score in results["scores"].values():
-        assert "auroc" not in score and list(score["thresholds"]) == ["monte_carlo"]
-        assert "early_generated" not in score
+    for name, score in results["scores"].items():
+        corrected = ["corrected"] if name == "nearest_generated" else []
+        assert "auroc" not in score and list(score["thresholds"]) == ["monte_carlo", *corrected]
+        assert "early_generated" not in score and "held_out_gap" not in score
         for test in score["test"].values():
             assert test["labelled_anomalies"] == 0 and "detection_rate" not in test
             assert 0.0 <= test["flag_rate"] <= 1.0

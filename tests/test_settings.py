@@ -55,6 +55,9 @@ BAD_SETTINGS = [
     ("PERCENTILE", 100.0, "PERCENTILE = 100.0 is not valid: expected a number in \\(0, 100\\)"),
     ("PERCENTILE", 0, "PERCENTILE = 0 is not valid"),
     ("CONFIDENCE", 1.0, "CONFIDENCE = 1.0 is not valid: expected a number in \\(0, 1\\)"),
+    ("MC_CORRECTION", 0.9, "MC_CORRECTION = 0.9 is not valid: expected a number in "
+                           "\\[1, 10\\)"),
+    ("MC_CORRECTION", "1.4", "MC_CORRECTION = '1.4' is not valid"),
     ("EARLY_GENERATOR", 1.0, "EARLY_GENERATOR = 1.0 is not valid: expected a number in "
                              "\\[0, 1\\)"),
     ("EARLY_GENERATOR", "0.25", "EARLY_GENERATOR = '0.25' is not valid"),
