@@ -121,6 +121,10 @@ def main(argv=None):
         raise SystemExit(f"the runs used different PERCENTILE values {sorted(percentiles)}")
     expected_share = 1.0 - percentiles.pop() / 100.0
     factor, mean_share = choose_factor(results, expected_share)
+    if factor in (FACTORS[0], FACTORS[-1]):
+        logging.warning("The factor %g lies at the end of the candidates %g to %g: the gap is "
+                        "outside them, so the factor that would bring the share to %.0f%% "
+                        "was not found.", factor, FACTORS[0], FACTORS[-1], 100 * expected_share)
     minutes = (time.perf_counter() - started) / 60
     header = [
         f"The gap between real and generated images, nearest_generated score, on the runs in "

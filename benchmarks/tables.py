@@ -7,6 +7,9 @@ import logging
 import os
 
 RESULTS = os.path.join("benchmarks", "results")
+# Settings that differ between the runs of one benchmark, or do not change what they hold.
+PER_RUN = ("NORMAL_DIGITS", "OUTPUT_DIR", "DATA_PATH", "DEVICE", "SHOW_PLOTS", "MC_BATCH_SIZE",
+           "MC_CORRECTION")
 
 
 def add_common_arguments(parser, name, digits=True, also_written=""):
@@ -49,12 +52,19 @@ def latest_runs(runs, parser):
     """Return the run folders in `runs` that hold results.json, the latest of each normal
     digit only (folder names start with the time, so they sort in time order); stop with a
     parser error when there are none."""
-    latest = {}
+    latest, settings = {}, {}
     for results in sorted(glob.glob(os.path.join(runs, "*", "results.json"))):
         with open(results, encoding="utf-8") as file:
-            digits = tuple(json.load(file)["settings"]["NORMAL_DIGITS"])
+            recorded = json.load(file)["settings"]
+        digits = tuple(recorded["NORMAL_DIGITS"])
         latest[digits] = os.path.dirname(results)
+        settings[digits] = {k: v for k, v in recorded.items() if k not in PER_RUN}
     if not latest:
         parser.error(f"no run folders with results.json in {runs}: run "
                      "benchmarks/one_class.py first")
+    differing = sorted({k for s in settings.values() for k in s
+                        if any(other.get(k) != s[k] for other in settings.values())})
+    if differing:
+        parser.error(f"the latest runs of each digit in {runs} differ in {differing}: keep "
+                     "one benchmark's runs in a folder (one_class.py --output)")
     return sorted(latest.values())

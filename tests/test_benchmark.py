@@ -152,6 +152,31 @@ def test_latent_search_keeps_an_exact_start_and_closes_in_from_a_wrong_one():
     assert np.all(blurred <= searched + 1e-6)  # a blur never lengthens a difference
 
 
+def test_latest_runs_keeps_the_newest_run_of_each_digit_and_refuses_mixed_settings(
+        tmp_path, capsys):
+    import argparse
+
+    import tables
+
+    def fake_run(name, digit, seed):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"settings": {"NORMAL_DIGITS": [digit], "SEED": seed, "OUTPUT_DIR": name}}))
+
+    fake_run("20261205-010000_normal3_seed42", 3, 42)
+    fake_run("20261205-020000_normal5_seed42", 5, 42)
+    fake_run("20261205-030000_normal3_seed42", 3, 42)
+    (tmp_path / "20261205-040000_unfinished").mkdir()  # no results.json: skipped
+    parser = argparse.ArgumentParser()
+    assert tables.latest_runs(str(tmp_path), parser) == [
+        str(tmp_path / "20261205-020000_normal5_seed42"),
+        str(tmp_path / "20261205-030000_normal3_seed42")]
+    fake_run("20261205-050000_normal5_seed43", 5, 43)
+    with pytest.raises(SystemExit):
+        tables.latest_runs(str(tmp_path), parser)
+    assert "differ in ['SEED']" in capsys.readouterr().err
+
+
 def test_benchmark_refuses_runs_without_held_out_images(tmp_path, mnist_npz):
     with pytest.raises(SystemExit):
         one_class.main(["--data-path", mnist_npz, "--output", str(tmp_path),

@@ -52,7 +52,10 @@ def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
         assert score["thresholds"]["validation"]["images"] == tiny_run["data"][
             "validation_images"] == 80  # 10% of the 800 training images of 0 and 1
         assert score["thresholds"]["early_generator"]["images"] == 1000  # NEIGHBOUR_SAMPLES
-        for threshold in score["thresholds"].values():
+        for source, threshold in score["thresholds"].items():
+            if source == "corrected":  # a factor times the Monte Carlo one, no interval
+                assert threshold["low"] is None and threshold["high"] is None
+                continue
             assert threshold["low"] <= threshold["value"] <= threshold["high"], name
         mc = score["thresholds"]["monte_carlo"]
         assert generated["min"] <= mc["low"] and mc["high"] <= generated["max"]
@@ -67,19 +70,19 @@ def test_each_score_has_its_sample_thresholds_and_intervals(tiny_run):
 
 def test_corrected_threshold_is_the_monte_carlo_one_times_the_correction(tiny_run):
     thresholds = tiny_run["scores"]["nearest_generated"]["thresholds"]
-    for side in ("value", "low", "high"):
-        assert thresholds["corrected"][side] == pytest.approx(
-            gma.MC_CORRECTION * thresholds["monte_carlo"][side])
+    assert thresholds["corrected"]["value"] == pytest.approx(
+        gma.MC_CORRECTION * thresholds["monte_carlo"]["value"])
+    assert thresholds["corrected"]["factor"] == gma.MC_CORRECTION
     assert thresholds["corrected"]["images"] == thresholds["monte_carlo"]["images"]
     test = tiny_run["scores"]["nearest_generated"]["test"]
     assert test["corrected"]["flagged"] <= test["monte_carlo"]["flagged"]
     summary = gma.summary_text(tiny_run)
     row = next(line for line in summary.splitlines() if "corrected Monte Carlo (1,000)" in line)
     assert row.split()[0] == "nearest_generated"
-    assert f"{thresholds['corrected']['value']:.4g} [" in row
+    assert f"{thresholds['corrected']['value']:.4g} (x 1.375, no interval)" in row
     assert f"{test['corrected']['false_alarm_rate']:.1%}" in row
     assert ("Why this threshold classifies (CLASSIFY_WITH): it is measured on real normal "
-            "images") in summary
+            "images\n    that the GAN never saw") in summary
 
 
 def test_the_held_out_gap_is_recorded_printed_and_warned_about_outside_its_range(tiny_run):
@@ -88,6 +91,8 @@ def test_the_held_out_gap_is_recorded_printed_and_warned_about_outside_its_range
     assert score["held_out_gap"] == pytest.approx(gap)
     assert gma.gap_warning(1.37) is None
     assert gma.gap_warning(gma.EXPECTED_GAP[0]) is None
+    assert gma.gap_warning(gma.EXPECTED_GAP[1]) is None
+    assert "1.61 times" in gma.gap_warning(1.61)
     too_wide = gma.gap_warning(2.0)
     assert "2.00 times the Monte Carlo one, outside the 1.2 to 1.6" in too_wide
     assert "will flag more normal images than it promises" in too_wide
@@ -95,6 +100,26 @@ def test_the_held_out_gap_is_recorded_printed_and_warned_about_outside_its_range
     line = gma.gap_lines(tiny_run)[0]
     assert f"the validation threshold is {gap:.3f} x the Monte Carlo one" in line
     assert line.endswith("see the warning).") == (gma.gap_warning(gap) is not None)
+
+
+def test_the_correction_flag_sets_the_factor_and_the_run_warns_about_its_gap(
+        tmp_path, mnist_npz, caplog):
+    results = run_tiny(["--data-path", mnist_npz, "--output-dir", str(tmp_path),
+                        "--mc-correction", "1.5", "--early-generator", "0"])
+    score = results["scores"]["nearest_generated"]
+    assert score["thresholds"]["corrected"]["factor"] == 1.5
+    assert score["thresholds"]["corrected"]["value"] == pytest.approx(
+        1.5 * score["thresholds"]["monte_carlo"]["value"])
+    warning = gma.gap_warning(score["held_out_gap"])
+    assert (warning is not None and warning in caplog.text) or (
+        warning is None and "outside the 1.2 to 1.6" not in caplog.text)
+
+
+def test_a_sample_of_identical_images_has_an_infinite_gap():
+    scores = {"nearest_generated": {"thresholds": {"monte_carlo": {"value": 0.0},
+                                                   "validation": {"value": 3.0}}}}
+    assert gma.held_out_gap(scores) == float("inf")
+    assert "inf times the Monte Carlo one" in gma.gap_warning(float("inf"))
 
 
 def test_the_runs_monte_carlo_threshold_is_a_leave_one_out_percentile(tiny_run):
@@ -272,8 +297,10 @@ def test_classifying_with_the_early_generator_threshold(tmp_path, mnist_npz, cap
 def test_summary_is_printed_with_the_recorded_numbers(tiny_run, capsys):
     text = gma.summary_text(tiny_run)
     for score in tiny_run["scores"].values():
-        for threshold in score["thresholds"].values():
-            assert f"{threshold['value']:.4g} [{threshold['low']:.4g}" in text
+        for source, threshold in score["thresholds"].items():
+            interval = ("(x 1.375, no interval)" if source == "corrected"
+                        else f"[{threshold['low']:.4g}")
+            assert f"{threshold['value']:.4g} {interval}" in text
         assert f"{score['auroc']:.3f}" in text
     assert "    anomaly: " + tiny_run["examples"]["anomaly"] in text
     assert "    normal:  " + tiny_run["examples"]["normal"] in text
