@@ -1793,8 +1793,9 @@ def run_pipeline(settings, progress):
     gap = held_out_gap(scores)
     if gap is not None:
         scores["nearest_generated"]["held_out_gap"] = gap
-        if gap_warning(gap):
-            log.warning(gap_warning(gap))
+        warning = gap_warning(gap)
+        if warning:
+            log.warning(warning)
     head_name = settings["SCORES"][0]
     head_source = settings["CLASSIFY_WITH"]
     head_scores = all_scores[head_name]["test"]

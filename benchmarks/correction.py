@@ -29,7 +29,6 @@ import logging
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -43,14 +42,10 @@ FACTORS = np.round(np.arange(1.0, 2.0 + 1e-9, 0.005), 3)  # candidates, 1 = no c
 def measure_run(run_folder, data_path):
     """Return (digit, numbers) for one run: its Monte Carlo threshold, drawn again and
     checked against the recorded one, and the held-out images' scores."""
-    saved, generator, discriminator = gma.load_trained_run(run_folder)
-    settings = {**gma.default_settings(), **saved["settings"], "DATA_PATH": data_path}
+    saved, _, discriminator, settings, data, reference = tables.reload_run(run_folder,
+                                                                           data_path)
     digit = settings["NORMAL_DIGITS"][0]
-    data = gma.prepare_data(settings)
-    # Only the neighbours are needed, and they are the first images of the sample.
-    sample_settings = {**settings, "MC_SAMPLES": settings["NEIGHBOUR_SAMPLES"]}
-    logits, reference = gma.draw_monte_carlo(generator, discriminator, sample_settings)
-    generated = gma.generated_scores("nearest_generated", logits, reference, settings)
+    generated = gma.generated_scores("nearest_generated", None, reference, settings)
     percentile = settings["PERCENTILE"]
     monte_carlo = float(np.percentile(generated, percentile))
     recorded = saved["scores"]["nearest_generated"]["thresholds"]["monte_carlo"]["value"]
@@ -105,17 +100,10 @@ def markdown(results, factor, mean_share, header):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tables.add_common_arguments(parser, "correction", digits=False)
-    parser.add_argument("--runs", default=os.path.join("benchmarks", "results", "runs"),
-                        help="folder of one-class benchmark runs (one per digit)")
+    tables.add_runs_argument(parser)
     args = parser.parse_args(argv)
     tables.start_logging()
-    folders = tables.latest_runs(args.runs, parser)
-
-    started = time.perf_counter()
-    results = {}
-    for folder in folders:
-        digit, numbers = measure_run(folder, args.data_path)
-        results[digit] = numbers
+    results, folders, minutes = tables.measure_latest_runs(args, parser, measure_run)
     percentiles = {r["percentile"] for r in results.values()}
     if len(percentiles) != 1:
         raise SystemExit(f"the runs used different PERCENTILE values {sorted(percentiles)}")
@@ -125,7 +113,6 @@ def main(argv=None):
         logging.warning("The factor %g lies at the end of the candidates %g to %g: the gap is "
                         "outside them, so the factor that would bring the share to %.0f%% "
                         "was not found.", factor, FACTORS[0], FACTORS[-1], 100 * expected_share)
-    minutes = (time.perf_counter() - started) / 60
     header = [
         f"The gap between real and generated images, nearest_generated score, on the runs in "
         f"{args.runs} ({len(results)} digits, {minutes:.1f} minutes).",

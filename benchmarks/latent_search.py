@@ -79,14 +79,11 @@ def measure_run(run_folder, data_path):
     import tensorflow as tf
     from sklearn import metrics
 
-    saved, generator, discriminator = gma.load_trained_run(run_folder)
-    settings = {**gma.default_settings(), **saved["settings"], "DATA_PATH": data_path,
-                "MC_SAMPLES": saved["settings"]["NEIGHBOUR_SAMPLES"]}
+    _, generator, _, settings, data, reference = tables.reload_run(run_folder, data_path)
     digit = settings["NORMAL_DIGITS"][0]
-    data = gma.prepare_data(settings)
     sigma, k = settings["NEIGHBOUR_BLUR"], settings["NEIGHBOURS"]
-    _, reference = gma.draw_monte_carlo(generator, discriminator, settings)
     noise = sample_noise(settings)
+    reference_sq = np.sum(reference * reference, axis=1)
 
     chosen = np.random.default_rng(SUBSET_SEED).choice(
         len(data["x_test"]), min(TEST_IMAGES, len(data["x_test"])), replace=False)
@@ -102,18 +99,20 @@ def measure_run(run_folder, data_path):
     residuals = {}
     for split, images in (("test", test), ("held_out", held_out), ("generated", generated)):
         # Start from the noise of the nearest image of the sample (blurred, as the score).
+        blurred = gma.blur(images, sigma)
         nearest = np.empty(len(images), dtype=int)
         for start in range(0, len(images), 500):
-            squared = gma.squared_distances(
-                gma.blur(images[start:start + 500], sigma),
-                np.full(len(images[start:start + 500]), -1, np.int32), reference,
-                np.sum(reference * reference, axis=1)).numpy()
+            block = blurred[start:start + 500]
+            squared = gma.squared_distances(block, np.full(len(block), -1, np.int32),
+                                            reference, reference_sq).numpy()
             nearest[start:start + 500] = squared.argmin(axis=1)
         residuals[split] = search_residuals(generator, images, noise[nearest], STEPS,
                                             LEARNING_RATE, sigma)
+        if split == "test":
+            neighbour_scores = gma.nearest_generated_distances(blurred, reference, k)
     percentile = settings["PERCENTILE"]
-    numbers = {"nearest_generated_auroc": float(metrics.roc_auc_score(
-        is_anomaly, gma.nearest_generated_distances(gma.blur(test, sigma), reference, k)))}
+    numbers = {"nearest_generated_auroc": float(metrics.roc_auc_score(is_anomaly,
+                                                                      neighbour_scores))}
     for index, variant in enumerate(("raw", "blurred")):
         scores = residuals["test"][index]
         normal = scores[~is_anomaly]
@@ -151,18 +150,10 @@ def markdown(results, header):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tables.add_common_arguments(parser, "latent_search", digits=False)
-    parser.add_argument("--runs", default=os.path.join("benchmarks", "results", "runs"),
-                        help="folder of one-class benchmark runs (one per digit)")
+    tables.add_runs_argument(parser)
     args = parser.parse_args(argv)
     tables.start_logging()
-    folders = tables.latest_runs(args.runs, parser)
-
-    started = time.perf_counter()
-    results = {}
-    for folder in folders:
-        digit, numbers = measure_run(folder, args.data_path)
-        results[digit] = numbers
-    minutes = (time.perf_counter() - started) / 60
+    results, folders, minutes = tables.measure_latest_runs(args, parser, measure_run)
     header = [
         f"Latent-search residual on the runs in {args.runs} ({len(results)} digits, "
         f"{minutes:.1f} minutes): {STEPS} Adam steps (learning rate {LEARNING_RATE:g}) from "

@@ -186,18 +186,10 @@ def markdown(results, header):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     tables.add_common_arguments(parser, "score_variants", digits=False)
-    parser.add_argument("--runs", default=os.path.join("benchmarks", "results", "runs"),
-                        help="folder of one-class benchmark runs (one per digit)")
+    tables.add_runs_argument(parser)
     args = parser.parse_args(argv)
     tables.start_logging()
-    folders = tables.latest_runs(args.runs, parser)
-
-    started = time.perf_counter()
-    results = {}
-    for folder in folders:
-        digit, found = measure_run(folder, args.data_path)
-        results[digit] = found
-    minutes = (time.perf_counter() - started) / 60
+    results, folders, minutes = tables.measure_latest_runs(args, parser, measure_run)
     header = [
         f"Score variants on the one-class benchmark's runs in {args.runs} "
         f"({len(results)} digits, {minutes:.1f} minutes).",

@@ -5,6 +5,7 @@ import glob
 import json
 import logging
 import os
+import time
 
 RESULTS = os.path.join("benchmarks", "results")
 # Settings that differ between the runs of one benchmark, or do not change what they hold.
@@ -46,6 +47,36 @@ def changed_settings(settings, default_settings):
     changed = ", ".join(f"{k}={v}" for k, v in settings.items()
                         if k not in own and v != default_settings[k])
     return changed or "the script defaults"
+
+
+def add_runs_argument(parser):
+    """Add --runs: the folder of one-class benchmark runs that a benchmark reloads."""
+    parser.add_argument("--runs", default=os.path.join(RESULTS, "runs"),
+                        help="folder of one-class benchmark runs (one per digit)")
+
+
+def measure_latest_runs(args, parser, measure_run):
+    """Return ({digit: numbers}, folders, minutes): measure_run(folder, data path), which
+    returns (digit, numbers), applied to the latest run of each digit in args.runs."""
+    started = time.perf_counter()
+    folders = latest_runs(args.runs, parser)
+    results = dict(measure_run(folder, args.data_path) for folder in folders)
+    return results, folders, (time.perf_counter() - started) / 60
+
+
+def reload_run(run_folder, data_path):
+    """Return (saved results, generator, discriminator, settings, data, reference) of a
+    one-class benchmark run: its networks, its settings with this data path, its data split
+    again, and the first NEIGHBOUR_SAMPLES images of its Monte Carlo sample, blurred as the
+    nearest_generated score compares them (the rest of the sample is not drawn)."""
+    import gan_mc_anomaly as gma  # the benchmark that calls this put it on sys.path
+
+    saved, generator, discriminator = gma.load_trained_run(run_folder)
+    settings = {**gma.default_settings(), **saved["settings"], "DATA_PATH": data_path}
+    data = gma.prepare_data(settings)
+    _, reference = gma.draw_monte_carlo(
+        generator, discriminator, {**settings, "MC_SAMPLES": settings["NEIGHBOUR_SAMPLES"]})
+    return saved, generator, discriminator, settings, data, reference
 
 
 def latest_runs(runs, parser):
